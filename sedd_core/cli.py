@@ -1,0 +1,156 @@
+"""The `sedd` command: sample, infill, info, serve, train, data, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tqdm import tqdm
+
+from .sampling import PREDICTORS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="folder, 'default', oxen:NAMESPACE/REPO or hf:REPO_ID "
+                                                  "(default: $SEDD_MODEL or the shipped character model)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=128, help="denoising steps (default 128)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
+    p.add_argument("--predictor", choices=PREDICTORS, default="analytic")
+    p.add_argument("--seed", type=int, default=None, help="seed for a reproducible result")
+    p.add_argument("--show-intermediate", action="store_true", help="print the text after every step (stderr)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample per line on stdout")
+
+
+def _model_source(args) -> str:
+    import os
+
+    return args.model or os.environ.get("SEDD_MODEL") or "default"
+
+
+def _run_generation(args, prefix: str = "", suffix: str = "") -> int:
+    from . import generation as gen
+    from .loading import load
+
+    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    seed = gen.new_seed() if args.seed is None else args.seed
+    job = gen.make_job(lm, num_samples=args.num_samples, steps=args.steps, length=args.length,
+                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix)
+    start = time.perf_counter()
+    with tqdm(total=args.steps + 1, desc="denoising", unit="step", file=sys.stderr) as bar:
+        for state in gen.iterate(lm, job):
+            bar.update(1)
+            if args.show_intermediate:
+                for i, text in enumerate(gen.decode_rows(lm, state.x, placeholder=True)):
+                    bar.write(f"[step {state.step_index}/{args.steps + 1} sample {i}] {text!r}", file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    texts = gen.decode_rows(lm, job.x)
+    for i, text in enumerate(texts):
+        if args.json:
+            print(json.dumps({"index": i, "text": text, "seed": seed, "steps": args.steps,
+                              "predictor": args.predictor, "model": lm.name}), flush=True)
+        else:
+            print(f"--- sample {i} (seed {seed}) ---\n{text}", flush=True)
+    print(f"{len(texts)} sample(s) in {elapsed:.2f} s on {lm.device}", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    return _run_generation(args)
+
+
+def cmd_infill(args) -> int:
+    return _run_generation(args, prefix=args.prefix, suffix=args.suffix)
+
+
+def cmd_info(args) -> int:
+    from .loading import load
+
+    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    info = {
+        "source": lm.source, "folder": str(lm.path.resolve()), "layout": lm.layout, "name": lm.name,
+        "config": lm.config.to_dict(), "tokenizer": lm.tokenizer.name, "vocab_size": lm.config.vocab_size,
+        "length": lm.length, "parameters": lm.parameters, "device": str(lm.device), "dtype": str(lm.dtype),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>11}: {value}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    for flag, env in (("model", "SEDD_MODEL"), ("device", "SEDD_DEVICE"), ("dtype", "SEDD_DTYPE")):
+        if getattr(args, flag):
+            os.environ[env] = getattr(args, flag)
+    # `app` is the server package beside sedd_core; the library itself never imports it.
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
+                log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sedd", description="SEDD text diffusion: sample, infill, serve, train")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="draw unconditional samples")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("infill", help="fill the middle between a fixed prefix and suffix")
+    _add_generation_args(p)
+    p.add_argument("--prefix", default="", help="text fixed at the start")
+    p.add_argument("--suffix", default="", help="text fixed at the end")
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("info", help="show the resolved model folder, config, tokenizer and size")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="start the HTTP server (uvicorn)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish streams on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    for module in ("training.cli", "data", "bench"):
+        try:
+            mod = __import__(f"sedd_core.{module}", fromlist=["add_cli"])
+        except ModuleNotFoundError:
+            continue
+        mod.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .generation import GenerationError
+    from .hub import HubError
+    from .loading import CheckpointError
+    from .tokenizers import TokenizerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (GenerationError, CheckpointError, ConfigError, TokenizerError, HubError) as exc:
+        print(f"sedd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

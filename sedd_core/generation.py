@@ -1,0 +1,112 @@
+"""Sample and infill in the library: build a `Job` from a request, run it to the end, decode it.
+
+The batching engine uses `make_job` too, so the CLI, the library and the server
+validate input and lay out prompts in one place.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .loading import LoadedModel
+from .sampling import PREDICTORS, Job, denoising_step
+from .tokenizers import render
+
+
+class GenerationError(ValueError):
+    """Bad generation input; the message says what to fix."""
+
+
+@dataclass
+class Canvas:
+    """Where the prompt sits on a row of `length` positions."""
+
+    length: int
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+
+    @property
+    def free(self) -> int:
+        return self.length - len(self.prefix_ids) - len(self.suffix_ids)
+
+
+def new_seed() -> int:
+    return secrets.randbits(63)
+
+
+def encode_prompt(lm: LoadedModel, text: str, what: str) -> list[int]:
+    unknown = lm.tokenizer.unknown_characters(text)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:20])
+        raise GenerationError(f"the {what} holds characters this model's vocabulary cannot encode: {shown}")
+    return lm.tokenizer.encode(text)
+
+
+def make_canvas(lm: LoadedModel, length: int | None, prefix: str = "", suffix: str = "") -> Canvas:
+    max_length = lm.length
+    length = max_length if length is None else int(length)
+    if not 1 <= length <= max_length:
+        raise GenerationError(f"length must be between 1 and {max_length} (the model's length), got {length}")
+    canvas = Canvas(length, encode_prompt(lm, prefix, "prefix"), encode_prompt(lm, suffix, "suffix"))
+    if canvas.free < 1:
+        raise GenerationError(
+            f"prefix ({len(canvas.prefix_ids)} tokens) plus suffix ({len(canvas.suffix_ids)} tokens) "
+            f"leave no room on a canvas of {length} tokens; shorten them or raise length"
+        )
+    return canvas
+
+
+def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
+             predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "") -> Job:
+    if predictor not in PREDICTORS:
+        raise GenerationError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
+    if steps < 1:
+        raise GenerationError(f"steps must be at least 1, got {steps}")
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be at least 1, got {num_samples}")
+    canvas = make_canvas(lm, length, prefix, suffix)
+    generator = torch.Generator(device=lm.device)
+    generator.manual_seed(new_seed() if seed is None else int(seed))
+    x = lm.graph.sample_limit(num_samples, canvas.length, device=lm.device, generator=generator)
+    fixed = torch.zeros(canvas.length, dtype=torch.bool, device=lm.device)
+    fixed_tokens = torch.zeros(canvas.length, dtype=torch.long, device=lm.device)
+    n_prefix, n_suffix = len(canvas.prefix_ids), len(canvas.suffix_ids)
+    if n_prefix:
+        fixed[:n_prefix] = True
+        fixed_tokens[:n_prefix] = torch.tensor(canvas.prefix_ids, device=lm.device)
+    if n_suffix:
+        fixed[canvas.length - n_suffix:] = True
+        fixed_tokens[canvas.length - n_suffix:] = torch.tensor(canvas.suffix_ids, device=lm.device)
+    job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
+              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens)
+    job.project()
+    return job
+
+
+def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:
+    """Run a job step by step on its own, yielding it after each step (the last yield is the final state)."""
+    while not job.done:
+        denoising_step(lm.model, lm.graph, lm.noise, [job])
+        yield job
+
+
+def decode_rows(lm: LoadedModel, x: torch.Tensor, placeholder: bool = False) -> list[str]:
+    rows = x.tolist()
+    if placeholder:
+        return [render(lm.tokenizer, row, lm.mask_id) for row in rows]
+    return [lm.tokenizer.decode(row, lm.mask_id) for row in rows]
+
+
+def generate(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
+             predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "",
+             callback: Callable[[Job], None] | None = None) -> list[str]:
+    """Texts of `num_samples` samples; with prefix/suffix, an infill that keeps both exactly."""
+    job = make_job(lm, num_samples=num_samples, steps=steps, length=length, predictor=predictor, seed=seed,
+                   prefix=prefix, suffix=suffix)
+    for state in iterate(lm, job):
+        if callback is not None:
+            callback(state)
+    return decode_rows(lm, job.x)

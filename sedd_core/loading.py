@@ -1,0 +1,247 @@
+"""`sedd_core.load(source)`: one entry point for every checkpoint layout and source.
+
+Layouts (SPEC section 1): Oxen (`checkpoint.pth` + `config.yaml`), Hugging Face
+(`config.json` + `model.safetensors` / `pytorch_model.bin`), and an authors' or our
+training run (`checkpoints-meta/checkpoint.pth` + `.hydra/config.yaml`, EMA weights).
+Sources: one of those folders, `default` (the character model shipped in the
+package), `oxen:NAMESPACE/REPO` or `hf:REPO_ID`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from . import hub
+from .config import ConfigError, SEDDConfig
+from .graph import Graph, graph_from_config
+from .model import SEDD
+from .noise import Noise, noise_from_config
+from .tokenizers import Tokenizer, resolve_tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: SEDD
+    graph: Graph
+    noise: Noise
+    tokenizer: Tokenizer
+    config: SEDDConfig
+    device: torch.device
+    dtype: torch.dtype
+    path: Path
+    source: str
+    layout: str
+
+    @property
+    def name(self) -> str:
+        return self.config.model.name or self.path.name
+
+    @property
+    def length(self) -> int:
+        return self.config.model.length
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.config.mask_id
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; use device 'cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
+    """A local folder for `source`, downloading hub sources into the cache first."""
+    text = str(source) if source is not None else "default"
+    if text == "default":
+        return DEFAULT_MODEL_DIR, text
+    if text.startswith("oxen:"):
+        return hub.fetch_oxen(text[len("oxen:"):]), text
+    if text.startswith("hf:"):
+        return hub.fetch_hf(text[len("hf:"):]), text
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"model source {text!r} is neither a folder nor a known source; "
+            "use a folder path, 'default', 'oxen:NAMESPACE/REPO' or 'hf:REPO_ID'"
+        )
+    if not path.is_dir():
+        path = path.parent
+    return path, text
+
+
+def detect_layout(path: Path) -> tuple[str, Path, Path]:
+    """(layout, config file, weights file) of a model folder."""
+    if (path / "checkpoint.pth").is_file() and (path / "config.yaml").is_file():
+        return "oxen", path / "config.yaml", path / "checkpoint.pth"
+    if (path / "config.json").is_file():
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            if (path / weights).is_file():
+                return "hf", path / "config.json", path / weights
+        raise CheckpointError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
+    run_ckpt = path / "checkpoints-meta" / "checkpoint.pth"
+    if run_ckpt.is_file():
+        for cfg in (path / ".hydra" / "config.yaml", path / "config.yaml"):
+            if cfg.is_file():
+                return "run", cfg, run_ckpt
+        raise CheckpointError(f"{path} has checkpoints-meta/checkpoint.pth but no .hydra/config.yaml")
+    present = sorted(p.name for p in path.iterdir())[:12]
+    raise CheckpointError(
+        f"no SEDD checkpoint in {path} (it holds: {', '.join(present) or 'nothing'}). Expected checkpoint.pth + "
+        "config.yaml (Oxen), config.json + model.safetensors (Hugging Face), or "
+        "checkpoints-meta/checkpoint.pth + .hydra/config.yaml (training run)"
+    )
+
+
+def read_config(config_file: Path) -> SEDDConfig:
+    text = config_file.read_text()
+    data = json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        return SEDDConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from exc
+
+
+def allow_pickle_default() -> bool:
+    return os.environ.get("SEDD_ALLOW_PICKLE", "").lower() in ("1", "true", "yes")
+
+
+def torch_load(path: Path, allow_pickle: bool | None = None) -> Any:
+    """torch.load with weights_only=True; arbitrary pickles only where the operator opted in."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if allow_pickle if allow_pickle is not None else allow_pickle_default():
+            return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(
+            f"{path} holds Python objects beyond tensors, which weights_only loading refuses "
+            f"({str(exc).splitlines()[0]}). Loading it would run code from the file: only if you trust it, "
+            "set SEDD_ALLOW_PICKLE=1 (or allow_pickle=True)"
+        ) from exc
+
+
+def read_state_dict(layout: str, weights: Path, allow_pickle: bool | None = None) -> dict[str, torch.Tensor]:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    data = torch_load(weights, allow_pickle)
+    if layout == "run":
+        if not isinstance(data, Mapping) or "model" not in data:
+            raise CheckpointError(f"{weights} is not a training checkpoint (no `model` entry)")
+        state = _strip_prefix(data["model"])
+        ema = data.get("ema")
+        if ema is not None:
+            state = _with_ema(state, ema["shadow_params"])
+        return state
+    if isinstance(data, Mapping) and "model" in data and not any(isinstance(v, torch.Tensor) for v in data.values()):
+        data = data["model"]
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{weights} is not a state dict")
+    return _strip_prefix(data)
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _with_ema(state: dict[str, torch.Tensor], shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace parameters by the EMA shadow list, which follows model.parameters() order."""
+    with torch.device("meta"):
+        names = [n for n, _ in SEDD(_config_from_state(state)).named_parameters()]
+    if len(names) != len(shadow):
+        raise CheckpointError(f"EMA has {len(shadow)} tensors but the model has {len(names)} parameters")
+    return {**state, **dict(zip(names, shadow))}
+
+
+def _config_from_state(state: Mapping[str, torch.Tensor]) -> SEDDConfig:
+    """Just enough of a config to enumerate parameter names (shapes do not matter on meta)."""
+    n_blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    vocab, hidden = state["vocab_embed.embedding"].shape
+    cond = state["sigma_map.mlp.0.weight"].shape[0]
+    return SEDDConfig.from_dict({"tokens": vocab, "graph": {"type": "uniform"}, "model": {
+        "hidden_size": hidden, "cond_dim": cond, "length": 1, "n_blocks": n_blocks, "n_heads": 1,
+        "scale_by_sigma": False}})
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Key by key and shape by shape, so a mismatch says exactly what differs."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}"
+              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:6])}")
+        raise CheckpointError(
+            f"the weights in {where} do not match its config: " + ". ".join(parts)
+            + ". Check that config (tokens, hidden_size, n_blocks, graph type) belongs to these weights"
+        )
+
+
+def build_model(config: SEDDConfig, state: Mapping[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype, where: Path) -> SEDD:
+    with torch.device("meta"):
+        model = SEDD(config)
+    check_state_dict(model, state, where)
+    model.load_state_dict(state, strict=True, assign=True)
+    inv_freq = model.rotary_emb.inv_freq.float()
+    model.to(device=device, dtype=dtype)
+    model.rotary_emb.inv_freq = inv_freq.to(device)  # rotary tables stay float32
+    return model.eval()
+
+
+def load(source: str | os.PathLike | None = "default", device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, allow_pickle: bool | None = None) -> LoadedModel:
+    """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source."""
+    path, source_text = resolve_source(source)
+    layout, config_file, weights = detect_layout(path)
+    config = read_config(config_file)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    state = read_state_dict(layout, weights, allow_pickle)
+    model = build_model(config, state, device, dtype, path)
+    tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer)
+    return LoadedModel(
+        model=model, graph=graph_from_config(config), noise=noise_from_config(config), tokenizer=tokenizer,
+        config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout,
+    )

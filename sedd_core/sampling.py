@@ -1,0 +1,185 @@
+"""Denoising steps for a batch of jobs, each row at its own diffusion time.
+
+A `Job` is one request's rows: its tokens, the positions it holds fixed (prefix,
+suffix, any given token), its time grid, predictor and random generator. The
+authors' `pc_sampler` is `steps` predictor steps on linspace(1, 1e-5, steps + 1)
+followed by one final denoise; `Job.next_action` walks that grid one step at a
+time so that a scheduler can batch jobs that sit at different points of it.
+
+`denoising_step` runs ONE model pass for all the rows of the jobs it is given and
+advances each job by one step. For the absorbing graph only masked positions get
+the output layer and the vocabulary-wide maths; there all three updates have the
+same shape (SPEC section 4, with S' the sum of the ratios to real tokens):
+
+    euler:    p_y = dt * dsigma/dt * s_y,   p_mask = 1 - (dt * dsigma/dt) * S'
+    analytic: p_y = (e^ds - 1) * s_y,       p_mask = 1 - (e^ds - 1) * S'
+    denoise:  p_y = (e^sigma - 1) * s_y,    p_mask = 0
+
+so rows with different predictors and times share one pass and one kernel.
+The uniform graph uses the faithful vocabulary-wide formulas of `graph.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .graph import Graph
+from .noise import Noise
+
+PREDICTORS = ("analytic", "euler")
+SAMPLING_EPS = 1e-5
+EULER, ANALYTIC, DENOISE = 0, 1, 2
+
+
+def time_grid(steps: int, eps: float = SAMPLING_EPS) -> torch.Tensor:
+    return torch.linspace(1.0, eps, steps + 1)
+
+
+@dataclass
+class Job:
+    """One request's rows moving through the sampler. `x` is (n, L) on the model's device."""
+
+    x: torch.Tensor
+    steps: int
+    predictor: str = "analytic"
+    generator: torch.Generator | None = None
+    fixed: torch.Tensor | None = None  # bool (L,)
+    fixed_tokens: torch.Tensor | None = None  # long (L,)
+    step_index: int = 0
+    grid: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.predictor!r}; use one of {', '.join(PREDICTORS)}")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        self.grid = time_grid(self.steps).tolist()
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.step_index > self.steps
+
+    def next_action(self) -> tuple[int, float, float]:
+        """(kind, t, dt) of the next update: a predictor step, then the final denoise."""
+        if self.step_index < self.steps:
+            kind = ANALYTIC if self.predictor == "analytic" else EULER
+            return kind, self.grid[self.step_index], (1 - SAMPLING_EPS) / self.steps
+        return DENOISE, self.grid[-1], 0.0
+
+    def project(self) -> None:
+        """Write the fixed positions back into x (before every step and the final denoise)."""
+        if self.fixed is not None:
+            self.x = torch.where(self.fixed, self.fixed_tokens, self.x)
+
+    def current_t(self) -> float:
+        return self.grid[min(self.step_index, self.steps)]
+
+
+def _row_coefficients(noise: Noise, jobs: Sequence[Job], device) -> tuple[torch.Tensor, ...]:
+    """Per row: kind, sigma at which the score is taken, and the update's ds / dt * dsigma/dt."""
+    kinds, ts, dts = [], [], []
+    for job in jobs:
+        kind, t, dt = job.next_action()
+        kinds += [kind] * job.rows
+        ts += [t] * job.rows
+        dts += [dt] * job.rows
+    kind = torch.tensor(kinds, device=device)
+    t = torch.tensor(ts, device=device, dtype=torch.float32)
+    dt = torch.tensor(dts, device=device, dtype=torch.float32)
+    sigma, dsigma_rate = noise(t)
+    return kind, t, dt, sigma, dsigma_rate
+
+
+def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Generator | None], device):
+    """Log of exponential noise for each group of rows, each group from its own generator."""
+    parts = []
+    for n, gen in zip(shape_rows, generators):
+        u = torch.rand((n, width), generator=gen, device=device)
+        parts.append(torch.log(1e-10 - torch.log(u + 1e-10)))
+    return torch.cat(parts) if parts else torch.empty(0, width, device=device)
+
+
+def _advance(jobs: Sequence[Job], x: torch.Tensor) -> None:
+    start = 0
+    for job in jobs:
+        job.x = x[start : start + job.rows]
+        job.step_index += 1
+        start += job.rows
+
+
+@torch.inference_mode()
+def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> int:
+    """Advance every job by one step with one model pass. All jobs must share a length.
+
+    Returns the number of positions that got the vocabulary-wide maths."""
+    if not jobs:
+        return 0
+    if len({job.length for job in jobs}) != 1:
+        raise ValueError("jobs in one pass must share a length; group them first")
+    for job in jobs:
+        job.project()
+    x = torch.cat([job.x for job in jobs])
+    kind, t, dt, sigma, dsigma_rate = _row_coefficients(noise, jobs, x.device)
+    if graph.absorb:
+        x, work = _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+    else:
+        x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+    _advance(jobs, x)
+    return work
+
+
+def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
+    masked = x == graph.mask  # (B, L)
+    per_row = masked.sum(dim=1)
+    counts = per_row.tolist()
+    if sum(counts) == 0:
+        return x, 0
+    log_score = model.log_score_at(x, sigma, masked).float()  # (N, V)
+    ds = sigma - noise.total((t - dt).clamp_min(0))
+    coef = torch.where(kind == EULER, dt * dsigma_rate, torch.expm1(torch.where(kind == DENOISE, sigma, ds)))
+    coef = coef.repeat_interleave(per_row)  # (N,)
+    mask_allowed = (kind != DENOISE).repeat_interleave(per_row)
+
+    real = log_score[:, :-1]
+    others = torch.logsumexp(real, dim=-1).exp()  # S'
+    p_mask = 1 - coef * others
+    log_p_mask = torch.where(mask_allowed & (p_mask > 0), torch.log(p_mask.clamp_min(1e-38)), -torch.inf)
+    logits = torch.cat([real + torch.log(coef)[:, None], log_p_mask[:, None]], dim=-1)
+
+    group_counts, start = [], 0
+    for job in jobs:
+        group_counts.append(sum(counts[start : start + job.rows]))
+        start += job.rows
+    noise_log = _gumbel(group_counts, logits.shape[-1], [job.generator for job in jobs], x.device)
+    choice = torch.argmax(logits - noise_log, dim=-1)
+    x = x.clone()
+    x[masked] = choice
+    return x, len(choice)
+
+
+def _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
+    score = model(x, sigma).float().exp()
+    probs = torch.empty(*x.shape, graph.dim, device=x.device)
+    ds = sigma - noise.total((t - dt).clamp_min(0))
+    for k in kind.unique().tolist():
+        rows = kind == k
+        if k == EULER:
+            probs[rows] = graph.euler_probs(x[rows], score[rows], dt[rows, None], dsigma_rate[rows, None])
+        elif k == ANALYTIC:
+            probs[rows] = graph.analytic_probs(x[rows], score[rows], ds[rows, None])
+        else:
+            probs[rows] = graph.denoise_probs(x[rows], score[rows], sigma[rows, None])
+    logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-38)), -torch.inf).flatten(0, 1)
+    noise_log = _gumbel([job.rows * job.length for job in jobs], graph.dim, [j.generator for j in jobs], x.device)
+    choice = torch.argmax(logits - noise_log, dim=-1)
+    return choice.view_as(x), choice.numel()

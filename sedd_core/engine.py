@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from .generation import decode_rows
+from .generation import decode_rows, token_pieces
 from .loading import LoadedModel
 from .sampling import Job, denoising_step
 
@@ -67,6 +67,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     first_event: float | None = None
+    pieces: bool = False  # per-position strings in step events, for displays
     cancelled: bool = False
     finished: bool = False
 
@@ -116,7 +117,7 @@ class Engine:
     def accepting(self) -> bool:
         return not self._closing
 
-    def submit(self, job: Job, stream_every: int = 1) -> Request:
+    def submit(self, job: Job, stream_every: int = 1, pieces: bool = False) -> Request:
         if job.rows > self.max_rows:
             raise ValueError(f"a request may have at most {self.max_rows} samples (rows per pass); got {job.rows}")
         loop = asyncio.get_running_loop()
@@ -126,7 +127,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (the limit); retry shortly")
             request = Request(job=job, stream_every=max(1, stream_every), loop=loop, queue=asyncio.Queue(),
-                              id=next(self._ids))
+                              id=next(self._ids), pieces=pieces)
             self._waiting.append(request)
             self._cond.notify()
         return request
@@ -237,10 +238,13 @@ class Engine:
         mask_id = self.lm.mask_id
         masks_left = (job.x == mask_id).sum(dim=1).tolist() if mask_id is not None else [0] * job.rows
         texts = decode_rows(self.lm, job.x, placeholder=True)
-        self._send(request, Event("step", {
-            "step": job.step_index, "steps": job.steps, "t": job.current_t(),
-            "samples": [{"text": text, "masks_left": left} for text, left in zip(texts, masks_left)],
-        }))
+        samples = [{"text": text, "masks_left": left} for text, left in zip(texts, masks_left)]
+        data = {"step": job.step_index, "steps": job.steps, "t": job.current_t(), "samples": samples}
+        if request.pieces:
+            for sample, row in zip(samples, job.x.tolist()):
+                sample["pieces"] = token_pieces(self.lm, row)
+            data.update(prefix_tokens=job.prefix_len, suffix_tokens=job.suffix_len)
+        self._send(request, Event("step", data))
 
     def _finish(self, request: Request) -> None:
         job = request.job

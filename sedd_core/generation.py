@@ -13,7 +13,7 @@ import torch
 
 from .loading import LoadedModel
 from .sampling import PREDICTORS, Job, denoising_step
-from .tokenizers import render
+from .tokenizers import MASK_PLACEHOLDER, render
 
 
 class GenerationError(ValueError):
@@ -81,7 +81,8 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
         fixed[canvas.length - n_suffix:] = True
         fixed_tokens[canvas.length - n_suffix:] = torch.tensor(canvas.suffix_ids, device=lm.device)
     job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
-              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens)
+              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens,
+              prefix_len=n_prefix, suffix_len=n_suffix)
     job.project()
     return job
 
@@ -98,6 +99,11 @@ def decode_rows(lm: LoadedModel, x: torch.Tensor, placeholder: bool = False) -> 
     if placeholder:
         return [render(lm.tokenizer, row, lm.mask_id) for row in rows]
     return [lm.tokenizer.decode(row, lm.mask_id) for row in rows]
+
+
+def token_pieces(lm: LoadedModel, row: list[int]) -> list[str]:
+    """One display string per position: the token's text, or the mask placeholder."""
+    return [MASK_PLACEHOLDER if tok == lm.mask_id else lm.tokenizer.decode_token(tok) for tok in row]
 
 
 def generate(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,

@@ -48,6 +48,8 @@ class Job:
     fixed: torch.Tensor | None = None  # bool (L,)
     fixed_tokens: torch.Tensor | None = None  # long (L,)
     step_index: int = 0
+    prefix_len: int = 0  # fixed tokens at the start / end, for displays
+    suffix_len: int = 0
     grid: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):

@@ -230,16 +230,22 @@ def build_model(config: SEDDConfig, state: Mapping[str, torch.Tensor], device: t
     return model.eval()
 
 
+def load_network(path: Path, device: torch.device, dtype: torch.dtype,
+                 allow_pickle: bool | None = None) -> tuple[SEDD, SEDDConfig, str]:
+    """The network of a local model folder, without its tokenizer: (model, config, layout)."""
+    layout, config_file, weights = detect_layout(path)
+    config = read_config(config_file)
+    state = read_state_dict(layout, weights, allow_pickle)
+    return build_model(config, state, device, dtype, path), config, layout
+
+
 def load(source: str | os.PathLike | None = "default", device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, allow_pickle: bool | None = None) -> LoadedModel:
     """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source."""
     path, source_text = resolve_source(source)
-    layout, config_file, weights = detect_layout(path)
-    config = read_config(config_file)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    state = read_state_dict(layout, weights, allow_pickle)
-    model = build_model(config, state, device, dtype, path)
+    model, config, layout = load_network(path, device, dtype, allow_pickle)
     tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer)
     return LoadedModel(
         model=model, graph=graph_from_config(config), noise=noise_from_config(config), tokenizer=tokenizer,

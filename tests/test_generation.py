@@ -85,8 +85,10 @@ def test_bad_input_is_a_clear_error(tiny_five):
         make_job(tiny_five, prefix="hello ", suffix="world!")
     with pytest.raises(GenerationError, match="length must be between 1 and 12"):
         make_job(tiny_five, length=13)
-    with pytest.raises(GenerationError, match="cannot encode: 'é'"):
+    with pytest.raises(GenerationError, match="cannot encode: the prefix holds 'é'$"):
         make_job(tiny_five, prefix="é")
+    with pytest.raises(GenerationError, match="the prefix holds 'ä', 'é'; the suffix holds '€'"):
+        make_job(tiny_five, prefix="éä", suffix="€")
     with pytest.raises(GenerationError, match="predictor must be one of"):
         make_job(tiny_five, predictor="ddpm")
     with pytest.raises(GenerationError, match="steps must be at least 1"):

@@ -1,0 +1,126 @@
+"""The FastAPI application: `create_app(settings)`; `sedd serve` runs it under uvicorn.
+
+    uvicorn app.main:create_app --factory        # settings from SEDD_* variables
+
+The model and the batching engine are created once, in the lifespan handler, and reach the
+endpoints through `Depends` (app.state). Everything about generation lives in sedd_core;
+this package validates, routes, streams and reports.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+import sedd_core
+
+from . import state as server_state
+from .middleware import BodySizeLimit
+from .routes import generation, meta, pages
+from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent
+from .settings import Settings
+
+DESCRIPTION = """\
+Text from a SEDD (Score Entropy Discrete Diffusion) model: every position starts masked and
+the model unmasks them over `steps` denoising steps. Requests from many clients share each
+model pass (continuous batching), so concurrent clients cost little more than one.
+
+* `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle.
+* `stream: true` (or `Accept: text/event-stream`) streams `step` events and one `done` event.
+* `GET /v1/model`: the model and this server's limits. `GET /health`: readiness. `GET /metrics`: Prometheus.
+"""
+
+BODY_MODELS = {"/sample": SampleRequest, "/infill": InfillRequest}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    _configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state: server_state.ServerState = app.state.sedd
+        loading = asyncio.create_task(server_state.start(state))
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await server_state.stop(state)
+
+    app = FastAPI(title="sedd-serve", version=sedd_core.__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.sedd = server_state.ServerState(settings=settings)
+    app.include_router(generation.router)
+    app.include_router(meta.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.openapi = lambda: _openapi_with_events(app)
+    # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"],
+                           expose_headers=["Retry-After", "X-Request-ID"], max_age=600)
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    """Our `sedd.*` loggers print beside uvicorn's, at SEDD_LOG_LEVEL."""
+    logger = logging.getLogger("sedd")
+    logger.setLevel(5 if level == "trace" else level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the data of the SSE events, which no route returns as a model."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (StepEvent, ErrorEvent):
+            event_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(event_schema.pop("$defs", {}))
+            components[model.__name__] = event_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+# ---- readable validation errors -------------------------------------------------------------------
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 whose `detail` is one sentence per problem, naming the field; `errors` keeps the structure."""
+    model = BODY_MODELS.get(request.url.path)
+    messages, errors = [], []
+    for error in exc.errors():
+        messages.append(_describe(error, model))
+        errors.append({key: error[key] for key in ("loc", "msg", "type") if key in error})
+    return JSONResponse({"detail": "; ".join(messages), "errors": errors}, status_code=422)
+
+
+def _describe(error: dict[str, Any], model) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    field = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)
+    kind, msg = error.get("type", ""), error.get("msg", "invalid")
+    if kind == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "not JSON")
+        where = f" (at character {loc[1]})" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON: {reason}{where}"
+    if kind == "extra_forbidden":
+        allowed = f"; the fields are: {', '.join(model.model_fields)}" if model is not None else ""
+        return f"unknown field {field!r}{allowed}"
+    if kind == "missing" and not field:
+        return "the request body is missing: send a JSON object, e.g. {} (every field has a default)"
+    if not field and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "the request body must be a JSON object (and Content-Type: application/json)"
+    return f"{field}: {msg}" if field else msg

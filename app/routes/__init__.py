@@ -1,0 +1,1 @@
+"""Routers per resource: generation (/sample, /infill), meta (/health, /v1/model, /metrics), pages (/)."""

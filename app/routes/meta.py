@@ -1,0 +1,49 @@
+"""GET /health (open), GET /v1/model and GET /metrics (behind the API key when there is one)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from sedd_core.model import FLASH_ATTN_AVAILABLE
+from sedd_core.sampling import PREDICTORS
+
+from ..auth import require_api_key
+from ..schemas import ErrorResponse, Health, ModelInfo
+from ..state import AppState, ReadyState
+
+router = APIRouter(tags=["server"])
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}},
+            summary="Readiness: 200 once the model is loaded and warmed up")
+async def health(state: AppState):
+    if state.ready:
+        return JSONResponse({"status": "ok"})
+    body = Health(status=state.status, error=state.error).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)],
+            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+            summary="The loaded model and this server's limits")
+async def model_info(state: ReadyState) -> ModelInfo:
+    lm, settings = state.lm, state.settings
+    half = str(lm.dtype) in ("torch.float16", "torch.bfloat16")
+    return ModelInfo(
+        name=lm.name, source=lm.source, layout=lm.layout, tokenizer=lm.tokenizer.name,
+        vocab_size=lm.config.vocab_size, length=lm.length, device=str(lm.device),
+        dtype=str(lm.dtype).removeprefix("torch."), parameters=lm.parameters, graph=lm.config.graph,
+        noise=lm.config.noise, predictors=list(PREDICTORS), max_rows=settings.max_rows,
+        max_queue=settings.max_queue, max_steps=settings.max_steps, max_samples=settings.max_samples,
+        flash_attn={"available": FLASH_ATTN_AVAILABLE,
+                    "used": FLASH_ATTN_AVAILABLE and lm.device.type == "cuda" and half},
+    )
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                       401: {"model": ErrorResponse}},
+            summary="Prometheus metrics")
+async def metrics(state: AppState) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,85 @@
+"""Server settings, read from SEDD_* environment variables (pydantic-settings).
+
+Defaults suit a demo. SEDD_MAX_ROWS is the GPU memory budget of one model pass: see the memory
+table in docs/deployment.md (16 rows of SEDD-large fit a 24 GB card; the Docker images set 16).
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MAX_SAMPLES = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEDD_", extra="ignore", validate_default=True)
+
+    model: str = Field("default", description="model source: a folder, 'default', 'oxen:NS/REPO' or 'hf:REPO'")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str | None = Field(None, description="float32, bfloat16 or float16; unset = bf16 on CUDA, fp32 on CPU")
+    max_rows: int = Field(32, ge=1, le=4096, description="rows (samples) in one model pass, over all requests")
+    max_queue: int = Field(64, ge=0, description="requests that may wait for rows; more get 503")
+    max_steps: int = Field(1024, ge=1, description="most denoising steps one request may ask for")
+    max_samples: int | None = Field(None, ge=1, description="most samples one request may ask for; unset = "
+                                    "16 or max_rows if smaller; may not exceed max_rows")
+    api_key: SecretStr | None = Field(None, description="bearer token for generation, /v1/model and /metrics")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; empty = no CORS headers")
+    max_body_bytes: int = Field(64 * 1024, ge=256, description="largest request body accepted (413 above)")
+    stream_heartbeat_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, seconds to let running requests finish")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU one "
+                                      "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
+    warmup: bool = Field(True, description="run one short generation before reporting ready")
+    log_level: str = Field("info", description="level of the sedd.* loggers")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _auto_dtype(cls, value):
+        if value is None or str(value).strip().lower() in ("", "auto", "none"):
+            return None
+        return str(value).strip()
+
+    @field_validator("torch_threads", mode="before")
+    @classmethod
+    def _auto_threads(cls, value):
+        if value is None or str(value).strip().lower() in ("", "auto"):
+            return None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return [str(origin).strip().rstrip("/") for origin in value if str(origin).strip()]
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("log_level must be one of critical, error, warning, info, debug, trace")
+        return value
+
+    @model_validator(mode="after")
+    def _samples_fit_a_pass(self) -> Settings:
+        if self.max_samples is None:
+            self.max_samples = min(DEFAULT_MAX_SAMPLES, self.max_rows)
+        elif self.max_samples > self.max_rows:
+            raise ValueError(
+                f"SEDD_MAX_SAMPLES ({self.max_samples}) must not exceed SEDD_MAX_ROWS ({self.max_rows}): "
+                "one request's samples run in one pass"
+            )
+        return self

@@ -1,0 +1,357 @@
+"""The HTTP server end to end: real uvicorn on a loopback socket (tests/support.py), httpx and httpx-sse.
+
+Most tests share the session's `tiny_server` (tiny-five, limits in conftest.TINY_LIMITS); the API key,
+CORS, body limit and full-queue tests share one strict server, and the GPT-2 path has its own.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TINY_LIMITS
+from httpx_sse import EventSource, connect_sse
+from prometheus_client.parser import text_string_to_metric_families
+from support import GPT2_VOCAB, free_port, running_server, server_env, write_tiny_gpt2_model
+
+pytestmark = pytest.mark.timeout(180)
+
+MASK = "\u2591"
+TIMEOUT = httpx.Timeout(60.0)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def post(base: str, path: str, body, **kwargs) -> httpx.Response:
+    return httpx.post(base + path, json=body, timeout=TIMEOUT, **kwargs)
+
+
+def stream(base: str, path: str, body: dict, headers: dict | None = None) -> list[tuple[str, dict]]:
+    """(event, data) of every SSE event until the stream ends (no Accept header unless `headers` has one)."""
+    with httpx.Client(timeout=TIMEOUT) as client, \
+            client.stream("POST", base + path, json=body, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [(event.event, json.loads(event.data)) for event in EventSource(response).iter_sse()]
+
+
+def scrape(base: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(base + "/metrics", headers=headers, timeout=TIMEOUT).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(values: dict, name: str, **labels: str) -> float:
+    return values[(name, tuple(sorted(labels.items())))]
+
+
+def multi_row_passes(values: dict) -> float:
+    """Passes that held more than one row, from the sedd_rows_per_pass histogram."""
+    return metric(values, "sedd_rows_per_pass_count") - metric(values, "sedd_rows_per_pass_bucket", le="1.0")
+
+
+def without_id_and_timing(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k not in ("id", "timing")}
+
+
+def check_stream(events: list[tuple[str, dict]], steps: int) -> dict:
+    """Steps increase, masks only ever decrease, exactly one `done` comes last; returns its data."""
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and kinds.count("done") == 1 and set(kinds[:-1]) <= {"step"}, kinds
+    step_events = [data for kind, data in events if kind == "step"]
+    assert step_events, "no step events"
+    numbers = [data["step"] for data in step_events]
+    assert numbers == sorted(set(numbers)) and 1 <= numbers[0] and numbers[-1] <= steps, numbers
+    assert all(data["steps"] == steps for data in step_events)
+    for i in range(len(step_events[0]["samples"])):
+        masks = [data["samples"][i]["masks_left"] for data in step_events]
+        assert masks == sorted(masks, reverse=True), masks
+        assert all(data["samples"][i]["text"].count(MASK) == data["samples"][i]["masks_left"]
+                   for data in step_events)
+    return events[-1][1]
+
+
+# ---- tiny_server: reading the server ----------------------------------------------------------------
+def test_health_model_docs_and_page(tiny_server):
+    assert httpx.get(tiny_server + "/health").json() == {"status": "ok"}
+    info = httpx.get(tiny_server + "/v1/model").json()
+    assert info["name"] == "tiny-five" and info["tokenizer"] == "char" and info["length"] == 12
+    assert info["device"] == "cpu" and info["graph"] == "absorb" and info["parameters"] > 0
+    assert {k: info[k] for k in TINY_LIMITS} == TINY_LIMITS
+    assert set(info["flash_attn"]) == {"available", "used"} and info["flash_attn"]["used"] is False
+    schema = httpx.get(tiny_server + "/openapi.json").json()
+    assert {"/sample", "/infill", "/health", "/v1/model", "/metrics"} <= set(schema["paths"])
+    assert httpx.get(tiny_server + "/docs").status_code == 200
+    page = httpx.get(tiny_server + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    metrics = scrape(tiny_server)
+    assert metric(metrics, "sedd_running_rows") == 0 and metric(metrics, "sedd_queue_depth") == 0
+
+
+# ---- JSON and SSE for both endpoints ---------------------------------------------------------------
+def test_sample_json_reports_a_reproducible_seed(tiny_server):
+    answer = post(tiny_server, "/sample", {"num_samples": 2, "steps": 32}).json()
+    assert set(answer) == {"id", "model", "samples", "num_samples", "steps", "predictor", "length", "seed",
+                           "timing"}
+    assert answer["model"] == "tiny-five" and answer["num_samples"] == 2 and answer["steps"] == 32
+    assert answer["predictor"] == "analytic" and answer["length"] == 12
+    assert 0 <= answer["seed"] < 2**53  # exact in JavaScript too
+    assert set(answer["timing"]) == {"queued_s", "run_s", "total_s"}
+    texts = [s["text"] for s in answer["samples"]]
+    assert len(texts) == 2 and all(len(t) == 12 and MASK not in t for t in texts)
+    again = post(tiny_server, "/sample", {"num_samples": 2, "steps": 32, "seed": answer["seed"]}).json()
+    assert again["samples"] == answer["samples"] and again["id"] != answer["id"]
+
+
+def test_sample_stream_done_equals_json_answer(tiny_server):
+    body = {"num_samples": 2, "steps": 24, "seed": 11, "predictor": "euler"}
+    answer = post(tiny_server, "/sample", body).json()
+    events = stream(tiny_server, "/sample", {**body, "stream": True, "stream_every": 1})
+    done = check_stream(events, steps=24)
+    assert without_id_and_timing(done) == without_id_and_timing(answer)
+    assert set(done) == set(answer)
+
+
+def test_infill_keeps_prefix_and_suffix_in_json_and_stream(tiny_server):
+    body = {"prefix": "di", "suffix": "ok", "num_samples": 3, "steps": 32, "seed": 5}
+    answer = post(tiny_server, "/infill", body).json()
+    assert answer["prefix"] == "di" and answer["suffix"] == "ok"
+    texts = [s["text"] for s in answer["samples"]]
+    assert len(texts) == 3 and all(t.startswith("di") and t.endswith("ok") and len(t) == 12 for t in texts), texts
+    # Accept: text/event-stream streams without `stream: true`; pieces come with each step.
+    events = stream(tiny_server, "/infill", {**body, "stream_every": 4, "pieces": True},
+                    headers={"Accept": "text/event-stream"})
+    done = check_stream(events, steps=32)
+    assert without_id_and_timing(done) == without_id_and_timing(answer)
+    for kind, data in events[:-1]:
+        assert data["prefix_tokens"] == 2 and data["suffix_tokens"] == 2
+        for sample in data["samples"]:
+            assert sample["text"].startswith("di") and sample["text"].endswith("ok")
+            assert len(sample["pieces"]) == 12 and "".join(sample["pieces"]) == sample["text"]
+
+
+def test_short_canvas_and_stream_every(tiny_server):
+    events = stream(tiny_server, "/infill", {"prefix": "h", "length": 5, "steps": 20, "stream": True,
+                                             "stream_every": 5, "seed": 3})
+    done = check_stream(events, steps=20)
+    assert [data["step"] for kind, data in events if kind == "step"] == [5, 10, 15, 20]
+    assert done["length"] == 5 and all(len(s["text"]) == 5 and s["text"][0] == "h" for s in done["samples"])
+
+
+# ---- batching across clients -----------------------------------------------------------------------
+def test_concurrent_clients_share_passes_and_match_their_answers_alone(tiny_server):
+    seeds = list(range(100, 108))
+    bodies = [{"steps": 48, "seed": seed, "predictor": "analytic" if i % 2 else "euler"}
+              for i, seed in enumerate(seeds)]
+    alone = [post(tiny_server, "/sample", body).json()["samples"] for body in bodies]
+    before = scrape(tiny_server)
+    barrier = threading.Barrier(len(bodies))
+
+    def client(i: int):
+        barrier.wait()
+        if i % 2:  # half of the clients stream, half wait for JSON
+            return check_stream(stream(tiny_server, "/sample", {**bodies[i], "stream": True}), steps=48)["samples"]
+        response = post(tiny_server, "/sample", bodies[i])
+        assert response.status_code == 200, response.text
+        return response.json()["samples"]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(client, range(len(bodies))))
+    after = scrape(tiny_server)
+    assert together == alone
+    # Every request has one row, so a pass of more than one row held several clients.
+    assert multi_row_passes(after) > multi_row_passes(before)
+    assert metric(after, "sedd_requests_total", outcome="ok") >= metric(before, "sedd_requests_total",
+                                                                        outcome="ok") + len(bodies)
+
+
+# ---- clients that leave ----------------------------------------------------------------------------
+def wait_for_cancellation(base: str, cancelled_before: float, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        values = scrape(base)
+        if (metric(values, "sedd_running_rows") == 0
+                and metric(values, "sedd_requests_total", outcome="cancelled") > cancelled_before):
+            return values
+        time.sleep(0.05)
+    raise AssertionError(f"rows were not freed within {timeout} s: {values}")
+
+
+def test_disconnected_clients_free_their_rows(tiny_server):
+    cancelled = metric(scrape(tiny_server), "sedd_requests_total", outcome="cancelled")
+    body = {"steps": TINY_LIMITS["max_steps"], "num_samples": 2, "stream": True, "stream_every": 1}
+    with httpx.Client(timeout=TIMEOUT) as client, \
+            connect_sse(client, "POST", tiny_server + "/sample", json=body) as source:
+        events = source.iter_sse()
+        assert [next(events).event, next(events).event] == ["step", "step"]
+    values = wait_for_cancellation(tiny_server, cancelled)  # ... long before 1024 steps could finish
+    cancelled = metric(values, "sedd_requests_total", outcome="cancelled")
+    # A JSON client that gives up is noticed too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server + "/sample", json={"steps": TINY_LIMITS["max_steps"]}, timeout=0.5)
+    wait_for_cancellation(tiny_server, cancelled)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+BAD_INPUTS = [
+    ("/sample", {"steps": 0}, ["steps"]),
+    ("/sample", {"steps": TINY_LIMITS["max_steps"] + 1}, ["steps", str(TINY_LIMITS["max_steps"])]),
+    ("/sample", {"steps": "many"}, ["steps"]),
+    ("/sample", {"num_samples": 0}, ["num_samples"]),
+    ("/sample", {"num_samples": TINY_LIMITS["max_samples"] + 1}, ["num_samples", str(TINY_LIMITS["max_samples"])]),
+    ("/sample", {"length": 0}, ["length"]),
+    ("/sample", {"length": 13}, ["length", "12"]),
+    ("/sample", {"stream_every": 0}, ["stream_every"]),
+    ("/sample", {"predictor": "ddim"}, ["predictor", "analytic", "euler"]),
+    ("/sample", {"seed": -1}, ["seed"]),
+    ("/sample", {"temperature": 0.7}, ["temperature", "unknown field"]),
+    ("/sample", {"prefix": "di"}, ["prefix", "unknown field"]),
+    ("/infill", {"prefix": "hello world!", "suffix": "x"}, ["prefix", "suffix", "12"]),
+    ("/infill", {"prefix": "caf\u00e9!"}, ["prefix", "\u00e9"]),
+    ("/infill", {"prefix": "di", "suffix": "\u65e5\u672c ok"}, ["suffix", "\u65e5", "\u672c"]),
+    ("/infill", b'{"prefix": "di",', ["not valid JSON"]),
+    ("/sample", b"[1, 2]", ["JSON object"]),
+    ("/sample", b"", ["body is missing"]),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "words"), BAD_INPUTS,
+                         ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_a_4xx_that_names_the_problem(tiny_server, path, body, words):
+    if isinstance(body, bytes):
+        response = httpx.post(tiny_server + path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = post(tiny_server, path, body)
+    assert 400 <= response.status_code < 500 and response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    for word in words:
+        assert word in detail, (word, detail)
+
+
+def test_bad_input_hurts_nobody(tiny_server):
+    """A burst of bad requests beside a good stream: the stream finishes, the server stays ready."""
+    good = ThreadPoolExecutor(1).submit(stream, tiny_server, "/sample", {"steps": 64, "stream": True, "seed": 1})
+    for path, body, _ in BAD_INPUTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        httpx.post(tiny_server + path, content=content, headers={"Content-Type": "application/json"})
+    check_stream(good.result(timeout=60), steps=64)
+    assert httpx.get(tiny_server + "/health").status_code == 200
+
+
+# ---- API key, CORS, body limit, full queue -----------------------------------------------------------
+API_KEY = "s3cret-token"
+ORIGIN = "https://demo.example"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_five: Path):
+    """One row per pass (max_samples follows) and one waiting request, an API key, one CORS origin and a
+    1 KiB body limit."""
+    with running_server(str(tiny_five), max_rows=1, max_queue=1, max_steps=1024,
+                        SEDD_API_KEY=API_KEY, SEDD_CORS_ORIGINS=f"{ORIGIN}, https://other.example",
+                        max_body_bytes=1024, warmup="false") as base_url:
+        yield base_url
+
+
+def test_api_key(strict_server):
+    assert httpx.get(strict_server + "/health").status_code == 200
+    assert httpx.get(strict_server + "/").status_code == 200
+    for path in ("/sample", "/infill"):
+        missing = post(strict_server, path, {"steps": 4})
+        assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["detail"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = post(strict_server, path, {"steps": 4}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
+        assert post(strict_server, path, {"steps": 4}, headers=AUTH).status_code == 200
+    for path in ("/v1/model", "/metrics"):
+        assert httpx.get(strict_server + path).status_code == 401
+        assert httpx.get(strict_server + path, headers={"Authorization": "Bearer " + API_KEY[:-1]}).status_code == 401
+        assert httpx.get(strict_server + path, headers=AUTH).status_code == 200
+    assert httpx.get(strict_server + "/v1/model", headers=AUTH).json()["max_samples"] == 1
+
+
+def test_cors_only_for_configured_origins(strict_server, tiny_server):
+    allowed = post(strict_server, "/sample", {"steps": 2}, headers={**AUTH, "Origin": ORIGIN})
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    denied = post(strict_server, "/sample", {"steps": 2}, headers={**AUTH, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in denied.headers
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    ok = httpx.options(strict_server + "/sample", headers=preflight)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    refused = httpx.options(strict_server + "/sample", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in refused.headers
+    # A server without SEDD_CORS_ORIGINS sends no CORS headers at all.
+    plain = post(tiny_server, "/sample", {"steps": 2}, headers={"Origin": ORIGIN})
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+def test_body_too_large(strict_server):
+    big = {"prefix": "a" * 2000, "steps": 4}
+    response = post(strict_server, "/infill", big, headers=AUTH)
+    assert response.status_code == 413 and "1024 bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts what arrives
+        yield json.dumps(big).encode()
+
+    chunked = httpx.post(strict_server + "/infill", content=chunks(),
+                         headers={**AUTH, "Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert chunked.status_code == 413
+
+
+def test_full_queue_answers_503_with_retry_after(strict_server):
+    """One row runs and one request waits; the rest of a burst is turned away, and the server recovers."""
+    burst = 6
+    barrier = threading.Barrier(burst)
+
+    def client(_):
+        barrier.wait()
+        return post(strict_server, "/sample", {"steps": 200}, headers=AUTH)
+
+    with ThreadPoolExecutor(burst) as pool:
+        responses = list(pool.map(client, range(burst)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) == {200, 503}, codes
+    for response in responses:
+        if response.status_code == 503:
+            assert int(response.headers["retry-after"]) >= 1
+            assert "busy" in response.json()["detail"]
+    assert metric(scrape(strict_server, AUTH), "sedd_requests_total", outcome="rejected") >= codes.count(503)
+    assert post(strict_server, "/sample", {"steps": 4}, headers=AUTH).status_code == 200
+
+
+# ---- GPT-2 vocabulary --------------------------------------------------------------------------------
+def test_gpt2_infill_keeps_prefix_and_suffix_text(tmp_path, shared_dir):
+    if not GPT2_VOCAB.is_file():
+        pytest.skip(f"{GPT2_VOCAB} is absent: the GPT-2 test needs the vocabulary offline")
+    folder = write_tiny_gpt2_model(tmp_path / "tiny-gpt2")
+    with running_server(str(folder), SEDD_GPT2_VOCAB=str(GPT2_VOCAB), max_rows=4, max_samples=2) as base:
+        info = httpx.get(base + "/v1/model").json()
+        assert info["tokenizer"] == "gpt2" and info["vocab_size"] == 50258 and info["length"] == 24
+        body = {"prefix": "Hello", "suffix": " world.", "num_samples": 2, "steps": 8, "seed": 3}
+        answer = post(base, "/infill", body).json()
+        texts = [s["text"] for s in answer["samples"]]
+        assert len(texts) == 2 and all(t.startswith("Hello") and t.endswith(" world.") for t in texts), texts
+        done = check_stream(stream(base, "/infill", {**body, "stream": True, "pieces": True}), steps=8)
+        assert without_id_and_timing(done) == without_id_and_timing(answer)
+
+
+# ---- a model that does not load --------------------------------------------------------------------
+def test_a_model_that_does_not_load_ends_the_server(tmp_path, repo_root):
+    """The process exits (so Docker's restart policy tries again) and its log says why."""
+    missing = tmp_path / "no-such-model"
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+           "--port", str(free_port())]
+    result = subprocess.run(cmd, check=False, cwd=repo_root, env=server_env(str(missing)), capture_output=True,
+                            text=True, timeout=120)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log
+    assert "could not be loaded" in log and "no-such-model" in log, log

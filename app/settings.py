@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     model: str = Field("default", description="model source: a folder, 'default', 'oxen:NS/REPO' or 'hf:REPO'")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16; unset = bf16 on CUDA, fp32 on CPU")
-    max_rows: int = Field(32, ge=1, le=4096, description="rows (samples) in one model pass, over all requests")
+    max_rows: int = Field(16, ge=1, le=4096, description="rows (samples) in one model pass, over all requests; "
+                          "16 fits SEDD-large on a 24 GB GPU (docs/deployment.md)")
     max_queue: int = Field(64, ge=0, description="requests that may wait for rows; more get 503")
     max_steps: int = Field(1024, ge=1, description="most denoising steps one request may ask for")
     max_samples: int | None = Field(None, ge=1, description="most samples one request may ask for; unset = "

@@ -40,3 +40,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The long load run of docs/reliability.md: 64 streaming clients for 3 minutes on loopback.
+load: $(VENV)/.installed
+	$(BIN)/python scripts/load_test.py --model default --clients 64 --duration 180

@@ -25,7 +25,7 @@ import sedd_core
 from . import state as server_state
 from .middleware import BodySizeLimit
 from .routes import generation, meta, pages
-from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent
+from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
 
 DESCRIPTION = """\
@@ -61,6 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(meta.router)
     app.include_router(pages.router)
+    if settings.fault_injection:  # test-only; never on by default
+        from .routes import faults
+
+        app.include_router(faults.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.openapi = lambda: _openapi_with_events(app)
@@ -85,7 +89,8 @@ def _configure_logging(level: str) -> None:
 
 
 def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
-    """The generated schema plus the data of the SSE events, which no route returns as a model."""
+    """The generated schema plus the data of the SSE events, which no route returns as a model, with this
+    server's limits (steps, samples and, once the model is loaded, its length) as the fields' bounds."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -93,6 +98,19 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
             event_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(event_schema.pop("$defs", {}))
             components[model.__name__] = event_schema
+        state: server_state.ServerState = app.state.sedd
+        for name in ("SampleRequest", "InfillRequest"):
+            fields = components[name]["properties"]
+            fields["steps"].update(maximum=state.settings.max_steps,
+                                   default=default_steps(state.settings.max_steps))
+            fields["num_samples"]["maximum"] = state.settings.max_samples
+            if state.lm is not None:
+                length = fields["length"]
+                for option in length.get("anyOf", [length]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = state.lm.length
+        if state.lm is None:  # the model's length is not known yet: do not keep this version
+            return schema
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -12,6 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SEED = 2**63 - 1
 
 
+DEFAULT_STEPS = 128
+
+
+def default_steps(max_steps: int) -> int:
+    """The steps a request gets when it names none: 128, or the server's SEDD_MAX_STEPS if lower."""
+    return min(DEFAULT_STEPS, max_steps)
+
+
 class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"num_samples": 2, "steps": 128, "predictor": "analytic", "seed": 42},
@@ -20,7 +28,7 @@ class SampleRequest(BaseModel):
 
     num_samples: int = Field(1, ge=1, strict=True, description="samples to draw; at most the server's max_samples "
                                                   "(GET /v1/model)", examples=[1])
-    steps: int = Field(128, ge=1, strict=True, description="denoising steps: more steps, better text, longer wait; at most "
+    steps: int = Field(DEFAULT_STEPS, ge=1, strict=True, description="denoising steps: more steps, better text, longer wait; at most "
                                               "the server's max_steps", examples=[128])
     length: int | None = Field(None, ge=1, strict=True, description="tokens per sample; null = the model's length "
                                                        "(its maximum)", examples=[None])

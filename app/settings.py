@@ -57,6 +57,8 @@ class Settings(BaseSettings):
             return None
         return value
 
+    fault_injection: bool = Field(False, description="test-only: expose POST /_faults to fail the next passes")
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value):

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sedd_core.config import SEDDConfig  # noqa: E402
-from sedd_core.graph import graph_from_config  # noqa: E402
-from sedd_core.model import FLASH_ATTN_AVAILABLE, SEDD  # noqa: E402
-from sedd_core.noise import noise_from_config  # noqa: E402
-from sedd_core.sampling import Job, denoising_step  # noqa: E402
+from sedd_core.config import SEDDConfig
+from sedd_core.graph import graph_from_config
+from sedd_core.model import FLASH_ATTN_AVAILABLE, SEDD
+from sedd_core.noise import noise_from_config
+from sedd_core.sampling import Job, denoising_step
 
 
 def timed(fn, reps):
@@ -111,7 +111,7 @@ def main():
         gen = torch.Generator(device="cuda").manual_seed(0)
         job = Job(x=x, steps=128, generator=gen)
 
-        def one():
+        def one(job=job, x=x):
             job.x = x
             job.step_index = 0
             denoising_step(model, graph, noise, [job])

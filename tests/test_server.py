@@ -128,7 +128,7 @@ def test_infill_keeps_prefix_and_suffix_in_json_and_stream(tiny_server):
                     headers={"Accept": "text/event-stream"})
     done = check_stream(events, steps=32)
     assert without_id_and_timing(done) == without_id_and_timing(answer)
-    for kind, data in events[:-1]:
+    for _kind, data in events[:-1]:
         assert data["prefix_tokens"] == 2 and data["suffix_tokens"] == 2
         for sample in data["samples"]:
             assert sample["text"].startswith("di") and sample["text"].endswith("ok")

@@ -24,6 +24,7 @@ from ..schemas import (
     SampleRequest,
     SampleResponse,
     StepEvent,
+    default_steps,
 )
 from ..state import ReadyState, ServerState
 
@@ -68,6 +69,8 @@ async def infill(body: InfillRequest, request: Request, state: ReadyState):
 # ---- the shared path ------------------------------------------------------------------------------
 def _check_limits(body: SampleRequest, state: ServerState) -> None:
     settings, errors = state.settings, []
+    if "steps" not in body.model_fields_set:
+        body.steps = default_steps(settings.max_steps)
     if body.steps > settings.max_steps:
         errors.append(("steps", body.steps,
                        f"must be at most {settings.max_steps} (this server's SEDD_MAX_STEPS), got {body.steps}"))

@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sedd_core
 
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state: server_state.ServerState = app.state.sedd
+        server_state.drain_on_signals(state)
         loading = asyncio.create_task(server_state.start(state))
         try:
             yield
@@ -64,9 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fault_injection:  # test-only; never on by default
         from .routes import faults
 
+        logging.getLogger("sedd.server").warning("SEDD_FAULT_INJECTION is on: POST /_faults can fail model passes "
+                                                 "(for tests only)")
         app.include_router(faults.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _unreadable_body)
     app.openapi = lambda: _openapi_with_events(app)
     # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -124,6 +130,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         messages.append(_describe(error, model))
         errors.append({key: error[key] for key in ("loc", "msg", "type") if key in error})
     return JSONResponse({"detail": "; ".join(messages), "errors": errors}, status_code=422)
+
+
+async def _unreadable_body(request: Request, exc: StarletteHTTPException):
+    """A body that is not UTF-8 text is invalid JSON like any other: 422 with a sentence, where FastAPI
+    would answer a bare 400 ("There was an error parsing the body"). Every other HTTP error as FastAPI does."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        cause = exc.__cause__
+        message = f"the request body is not valid JSON: it is not UTF-8 text (byte {cause.start})"
+        return JSONResponse({"detail": message, "errors": [{"loc": ["body"], "msg": message, "type": "json_invalid"}]},
+                            status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 def _describe(error: dict[str, Any], model) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -42,6 +42,15 @@ class SampleRequest(BaseModel):
                                                    "client far behind gets the latest step, not the backlog")
     pieces: bool = Field(False, strict=True, description="when streaming, add one display string per position to each "
                                             "sample of a `step` event")
+
+    @field_validator("num_samples", "steps", "length", "seed", "stream_every", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value):
+        """JSON Schema's `integer` includes 2.0: a number with no fractional part is that integer. Strings,
+        booleans and 2.5 are still refused (the fields are strict)."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class InfillRequest(SampleRequest):
@@ -105,6 +114,12 @@ class ErrorEvent(BaseModel):
     """Data of an SSE `error` event; the stream ends after it."""
 
     error: str
+
+
+# Response headers, as the OpenAPI `responses` of the routes document them.
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`: send `Authorization: Bearer <key>`",
+                                         "schema": {"type": "string"}}}
 
 
 class ErrorResponse(BaseModel):

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
                                       "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
     log_level: str = Field("info", description="level of the sedd.* loggers")
+    fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
+                                  "which makes the next model passes fail; never set it in production")
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -56,8 +58,6 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return value
-
-    fault_injection: bool = Field(False, description="test-only: expose POST /_faults to fail the next passes")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

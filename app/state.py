@@ -42,6 +42,7 @@ class ServerState:
     error: str | None = None
     lm: LoadedModel | None = None
     engine: Engine | None = None
+    drain_task: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -134,13 +135,48 @@ async def start(state: ServerState) -> None:
              settings.max_queue, settings.max_steps, settings.max_samples)
 
 
+def begin_drain(state: ServerState) -> None:
+    """Stop admitting now and give running and waiting requests SEDD_DRAIN_TIMEOUT_S; then the engine fails
+    what is left: streams end with an `error` event, JSON requests get a 503. Called on the event loop when
+    the server is told to stop (SIGTERM, SIGINT: see `drain_on_signals`), and by `stop`. Idempotent."""
+    if state.engine is None or state.drain_task is not None:
+        return
+    if state.status == "ok":
+        state.status = "draining"
+    log.info("draining: waiting up to %g s for %d running rows and %d waiting requests",
+             state.settings.drain_timeout_s, state.engine.running_rows, state.engine.queue_depth)
+    state.drain_task = asyncio.get_running_loop().create_task(state.engine.drain(state.settings.drain_timeout_s))
+
+
+def drain_on_signals(state: ServerState) -> None:
+    """Start draining the moment SIGTERM or SIGINT arrives, then let the server's own handler run.
+
+    uvicorn reaches the lifespan shutdown only after every open connection has closed (or its graceful
+    timeout, 30 s under `sedd serve`, unbounded under plain uvicorn, has passed); draining from there
+    would let streams run on past SEDD_DRAIN_TIMEOUT_S and then cut them without an `error` event.
+    Chaining the server's handler keeps its behaviour (close the socket, wait for connections); it restores
+    its own handlers when it exits. Only in the main thread, and only over a handler that is a function
+    (in-process use, e.g. a TestClient, installs nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if not callable(previous) or previous is signal.default_int_handler:
+            continue
+
+        def handler(number, frame, previous=previous):
+            loop.call_soon_threadsafe(begin_drain, state)
+            previous(number, frame)
+
+        signal.signal(signum, handler)
+
+
 async def stop(state: ServerState) -> None:
     if state.engine is None:
         return
-    state.status = "draining"
-    log.info("draining: waiting up to %g s for %d running rows and %d waiting requests",
-             state.settings.drain_timeout_s, state.engine.running_rows, state.engine.queue_depth)
-    await state.engine.drain(state.settings.drain_timeout_s)
+    begin_drain(state)
+    await state.drain_task
 
 
 # ---- dependencies (async: FastAPI would run plain functions in its thread pool) ----------------

@@ -5,8 +5,9 @@ GPT-2 checkpoints (the Oxen SEDD-large config only carries `model`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 GRAPH_TYPES = ("absorb", "uniform")
 NOISE_TYPES = ("loglinear", "geometric")
@@ -57,7 +58,7 @@ class SEDDConfig:
         return self.tokens if self.absorb else None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SEDDConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> SEDDConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a SEDD config must be a mapping, got {type(data).__name__}")
         model = data.get("model")

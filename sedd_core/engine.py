@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -45,7 +46,8 @@ class EngineClosed(RuntimeError):
 
 @dataclass
 class Event:
-    """`step`: progress; `done`: the final texts; `error`: what went wrong. `data` is JSON-ready."""
+    """`step`: progress; `done`: the final texts; `error`: what went wrong (`error`, a sentence) and why it
+    ended (`outcome`: "error" for a failed pass, "shutdown" when the engine stopped first). JSON-ready."""
 
     type: str
     data: dict[str, Any]
@@ -102,7 +104,7 @@ class Engine:
         self.passes = 0
 
     # ---- public API (event-loop side) -------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -268,7 +270,7 @@ class Engine:
     def _fail(self, request: Request, message: str, outcome: str) -> None:
         if request.finished:
             return
-        self._send(request, Event("error", {"error": message}))
+        self._send(request, Event("error", {"error": message, "outcome": outcome}))
         request.finished = True
         self._end(request, outcome)
 

@@ -6,7 +6,6 @@ estimate over t and the forward noise: we report the mean and its standard error
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys

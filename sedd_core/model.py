@@ -1,13 +1,26 @@
 """The DDiT network of SEDD, from token ids and noise level to the log score.
 
 Read top to bottom in the order data flows: noise embedding, rotary positions,
-layer norm, block, output layer, model. State-dict keys match the authors'
-checkpoints exactly (see ../shared/reference/checkpoint-keys.json).
+layer norm, attention, block, output layer, model. State-dict keys match the
+authors' checkpoints exactly (see ../shared/reference/checkpoint-keys.json).
+
+Inference speed (the maths is the authors'; only the order of operations and
+the memory they touch change, so results agree to float rounding):
+- rows that share one sigma (every row of one request) share one conditioning
+  row, so layer norm and modulation fuse into one affine layer norm;
+- rotary embedding writes q and k in one pass each, no unbind/stack copies;
+- gated residuals are one `addcmul`; on a CPU the MLP's GELU runs in the
+  matmul's epilogue (oneDNN) where PyTorch offers it;
+- `log_score_at` computes the vocabulary-wide output layer only at the
+  positions asked for, optionally into a caller's buffer;
+- `use_compiled_trunk()` (or SEDD_COMPILE=1) runs the embedding and blocks
+  through `torch.compile` with one static graph per power-of-two row bucket.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +30,9 @@ from torch import nn
 from .config import SEDDConfig
 
 try:  # optional CUDA kernel; PyTorch SDPA is the fallback everywhere else
-    from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func
+    from flash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_qkvpacked_func
 except Exception:  # pragma: no cover - depends on the host
-    flash_attn_varlen_qkvpacked_func = None
+    flash_attn_func = flash_attn_varlen_qkvpacked_func = None
 
 FLASH_ATTN_AVAILABLE = flash_attn_varlen_qkvpacked_func is not None
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -27,6 +40,21 @@ FREQUENCY_EMBEDDING_SIZE = 256
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for float32 maths; free when autocast is not on in the first place."""
+    if not torch.is_autocast_enabled(device.type):
+        return _NO_CONTEXT
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _inference(t: torch.Tensor) -> bool:
+    """True where in-place and out= kernels are safe: no autograd graph, not being traced by torch.compile."""
+    return not t.requires_grad and not torch.compiler.is_compiling()
 
 
 class TimestepEmbedder(nn.Module):
@@ -60,12 +88,12 @@ class Rotary(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of position x frequency, (L, d/2) float32: the tables' two halves are equal."""
         key = (seq_len, str(device))
         if key not in self._cache:
             positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-            angles = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
-            emb = torch.cat([angles, angles], dim=-1)  # (L, d)
-            self._cache[key] = (emb.cos()[None, :, None, :], emb.sin()[None, :, None, :])  # (1, L, 1, d)
+            angles = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))  # (L, d/2)
+            self._cache[key] = (angles.cos(), angles.sin())
         return self._cache[key]
 
 
@@ -75,7 +103,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin, with cos and sin at full width d (the SPEC's form)."""
     return x * cos + rotate_half(x) * sin
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of qkv (B, L, 3, h, d) rotated: (B, L, h, d) each; cos and sin are (L, d/2).
+
+    With x = [x1, x2] (halves) and the tables' halves equal, x cos + rotate_half(x) sin is
+    [x1 c - x2 s, x2 c + x1 s]; at inference that is written straight into one buffer."""
+    with _no_autocast(qkv.device):
+        qk = qkv[:, :, :2]  # (B, L, 2, h, d), a view
+        x1, x2 = qk.chunk(2, dim=-1)
+        c = cos.to(qk.dtype)[:, None, None, :]  # (L, 1, 1, d/2)
+        s = sin.to(qk.dtype)[:, None, None, :]
+        if _inference(qkv):
+            rotated = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+            out1, out2 = rotated.chunk(2, dim=-1)
+            torch.mul(x1, c, out=out1).addcmul_(x2, s, value=-1)
+            torch.mul(x2, c, out=out2).addcmul_(x1, s)
+        else:
+            rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return rotated[:, :, 0], rotated[:, :, 1]
 
 
 class LayerNorm(nn.Module):
@@ -87,9 +136,29 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.layer_norm(x.float(), [self.dim])
-        return x * self.weight.float()[None, None, :]
+        with _no_autocast(x.device):
+            return F.layer_norm(x.float(), [self.dim], self.weight.float())
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """modulate(norm(x), shift, scale) in float32. shift, scale broadcast against x (..., H).
+
+        When they hold one row (all rows share a sigma) the whole thing is one affine layer norm
+        with weight * (1 + scale) and bias shift; otherwise a plain norm and one addcmul."""
+        with _no_autocast(x.device):
+            gain = self.weight.float() * (1 + scale.float())
+            if shift.numel() == self.dim:
+                return F.layer_norm(x.float(), [self.dim], gain.reshape(self.dim), shift.float().reshape(self.dim))
+            return torch.addcmul(shift.float(), F.layer_norm(x.float(), [self.dim]), gain)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional softmax attention, scale 1/sqrt(d). q, k, v: (B, L, h, d) -> (B, L, h*d)."""
+    batch, seq_len = q.shape[0], q.shape[1]
+    if FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
+        return out.reshape(batch, seq_len, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, L, d)
+    return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
 
 def attention(qkv: torch.Tensor) -> torch.Tensor:
@@ -100,9 +169,35 @@ def attention(qkv: torch.Tensor) -> torch.Tensor:
         cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=qkv.device)
         out = flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, seq_len, 0.0, causal=False)
         return rearrange(out, "(b s) h d -> b s (h d)", b=batch)
-    q, k, v = rearrange(qkv, "b s three h d -> three b h s d")
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, h, L, d)
-    return rearrange(out, "b h s d -> b s (h d)")
+    return attend(*qkv.unbind(dim=2))
+
+
+def _onednn_linear_gelu_works() -> bool:
+    """Whether this PyTorch build fuses Linear + tanh-GELU in one oneDNN matmul on the CPU (checked once)."""
+    try:
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+        return torch.allclose(fused, F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+    except Exception:
+        return False
+
+
+_FUSED_LINEAR_GELU: bool | None = None
+FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on a CPU in float32 the GELU runs inside oneDNN's matmul where available."""
+    global _FUSED_LINEAR_GELU
+    if (x.device.type == "cpu" and x.dtype == torch.float32 == linear.weight.dtype and _inference(x)
+            and x.numel() >= FUSED_LINEAR_GELU_MIN_ROWS * x.shape[-1]):
+        if _FUSED_LINEAR_GELU is None:
+            _FUSED_LINEAR_GELU = _onednn_linear_gelu_works()
+        if _FUSED_LINEAR_GELU:
+            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias,
+                                                      "gelu", [], "tanh")
+            return flat.view(*x.shape[:-1], -1)
+    return F.gelu(linear(x), approximate="tanh")
 
 
 class DDiTBlock(nn.Module):
@@ -121,20 +216,18 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+        """x (B, L, H) float32; c (B, cond), or (1, cond) when every row shares one sigma."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
 
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        h = self.norm1.modulated(x, shift_msa, scale_msa)
         qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
-        cos, sin = rotary
-        q, k, v = qkv.unbind(dim=2)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            q = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype))
-            k = apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
-        qkv = torch.stack([q, k, v], dim=2)  # (B, L, 3, h, d)
-        x = x + gate_msa * self.dropout1(self.attn_out(attention(qkv)))
+        q, k = rotary_qk(qkv, *rotary)
+        out = self.attn_out(attend(q, k, qkv[:, :, 2]))
+        x = torch.addcmul(x, gate_msa, self.dropout1(out))  # x + gate * out
 
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.dropout2(self.mlp(h))
+        h = self.norm2.modulated(x, shift_mlp, scale_mlp)
+        out = self.mlp[2](linear_gelu(h, self.mlp[0]))
+        return torch.addcmul(x, gate_mlp, self.dropout2(out))
 
 
 class EmbeddingLayer(nn.Module):
@@ -156,7 +249,14 @@ class DDitFinalLayer(nn.Module):
 
     def modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return modulate(self.norm_final(x), shift, scale)
+        return self.norm_final.modulated(x, shift, scale)
+
+    def modulated_rows(self, h: torch.Tensor, c: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+        """`modulated` for selected positions: h (N, H), each from row row_of[i] of the batch."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B or 1, H)
+        if c.shape[0] > 1:
+            shift, scale = shift[row_of], scale[row_of]
+        return self.norm_final.modulated(h, shift, scale)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.linear(self.modulated(x, c))
@@ -165,6 +265,11 @@ class DDitFinalLayer(nn.Module):
 def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
     """log(e^sigma - 1), accurate for small sigma."""
     return torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()
+
+
+def _shared_sigma(sigma: torch.Tensor) -> bool:
+    """Every row at the same sigma (one request). Checked on the CPU only: on a GPU it would cost a sync."""
+    return sigma.numel() == 1 or (sigma.device.type == "cpu" and bool((sigma == sigma[0]).all()))
 
 
 class SEDD(nn.Module):
@@ -186,6 +291,10 @@ class SEDD(nn.Module):
         self.output_layer = DDitFinalLayer(m.hidden_size, vocab, m.cond_dim)
         if self.scale_by_sigma and not self.absorb:
             raise ValueError("scale_by_sigma is only defined for the absorbing graph")
+        self._compiled_trunk = None
+        compile_env = os.environ.get("SEDD_COMPILE", "").lower()
+        if compile_env and compile_env not in ("0", "false", "no"):
+            self.use_compiled_trunk(True, None if compile_env in ("1", "true", "yes") else compile_env)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -197,27 +306,62 @@ class SEDD(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding and blocks: (hidden states (B, L, H) before the output layer, conditioning c (B, cond))."""
+    # ---- trunk: embedding and blocks ---------------------------------------------------------
+    def use_compiled_trunk(self, enabled: bool = True, mode: str | None = None) -> None:
+        """Opt in (or out) of running the trunk through torch.compile at inference.
+
+        One static graph (dynamic=False) per power-of-two bucket of rows and per length: a batch is
+        padded up to its bucket, so a server sees at most log2(max_rows) + 1 compilations per length.
+        `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs on a GPU). SEDD_COMPILE=1 turns
+        it on at construction; SEDD_COMPILE=<mode> picks the mode too."""
+        if not enabled:
+            self._compiled_trunk = None
+            return
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))  # one graph per bucket and length
+        self._compiled_trunk = torch.compile(self._trunk, dynamic=False, mode=mode)
+
+    def _trunk(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.vocab_embed(tokens).float()
-        c = F.silu(self.sigma_map(sigma))
-        rotary = self.rotary_emb(tokens.shape[1], tokens.device)
+        c = F.silu(self.sigma_map(sigma[:1] if shared else sigma))
         with self._autocast(tokens.device):
             for block in self.blocks:
-                x = block(x, rotary, c)
+                x = block(x, (cos, sin), c)
         return x, c
 
-    def _finish(self, logits: torch.Tensor, sigma: torch.Tensor, own_tokens: torch.Tensor) -> torch.Tensor:
-        """Scale by sigma and zero the entry at each position's own token. sigma broadcasts over logits[..., 0]."""
-        if self.scale_by_sigma:
-            logits = logits - log_expm1(sigma).to(logits.dtype)[..., None] - math.log(logits.shape[-1] - 1)
-        return torch.scatter(logits, -1, own_tokens[..., None], torch.zeros_like(logits[..., :1]))
+    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and blocks: (hidden states (B, L, H) before the output layer, conditioning c).
+
+        c is (B, cond), or (1, cond) when every row has the same sigma: it broadcasts either way."""
+        cos, sin = self.rotary_emb(tokens.shape[1], tokens.device)
+        if self._compiled_trunk is None or torch.is_grad_enabled():
+            return self._trunk(tokens, sigma, cos, sin, _shared_sigma(sigma))
+        rows = tokens.shape[0]
+        bucket = 1 << (rows - 1).bit_length()
+        if bucket != rows:  # pad to the bucket with copies of the last row; rows never mix
+            pad = bucket - rows
+            tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
+            sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
+        x, c = self._compiled_trunk(tokens, sigma, cos, sin, False)
+        return x[:rows], c[:rows]
+
+    # ---- output --------------------------------------------------------------------------------
+    def _offset(self, sigma: torch.Tensor, vocab: int) -> torch.Tensor:
+        """What scale_by_sigma subtracts: log(e^sigma - 1) + log(V - 1)."""
+        return log_expm1(sigma) + math.log(vocab - 1)
 
     def forward(self, tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x, c = self.trunk(tokens, sigma)
         with self._autocast(tokens.device):
             logits = self.output_layer(x, c)
-        return self._finish(logits, sigma[:, None], tokens)
+        if self.scale_by_sigma:
+            logits = logits - self._offset(sigma, logits.shape[-1]).to(logits.dtype)[:, None, None]
+        # zero at each position's own token; in place is safe (no backward needs these values)
+        return logits.scatter_(-1, tokens[..., None], 0.0)
 
     def log_score_at(self, tokens: torch.Tensor, sigma: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The log score only where `positions` (bool, (B, L)) is set: (N, V), rows in row-major order.
@@ -225,9 +369,30 @@ class SEDD(nn.Module):
         The vocabulary-wide output layer is the dominant cost for GPT-2 models; with the
         absorbing graph only masked positions need it (see SPEC section 4).
         """
+        return self.log_score_at_index(tokens, sigma, positions.reshape(-1).nonzero().squeeze(1))
+
+    def log_score_at_index(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+        """`log_score_at` for flat positions `index` (into tokens.reshape(-1), ascending): (N, V).
+
+        `out` (N, V), float32 and contiguous, receives the result when given (a reused buffer
+        avoids fresh memory every step on a CPU); it is used when the model computes in float32."""
         x, c = self.trunk(tokens, sigma)
+        seq_len = tokens.shape[1]
+        row_of = torch.div(index, seq_len, rounding_mode="floor")
+        h = x.reshape(-1, x.shape[-1]).index_select(0, index)  # (N, H)
+        linear = self.output_layer.linear
         with self._autocast(tokens.device):
-            h = self.output_layer.modulated(x, c)[positions]  # (N, H)
-            logits = self.output_layer.linear(h)
-        row_of = positions.nonzero()[:, 0]
-        return self._finish(logits, sigma[row_of], tokens[positions])
+            h = self.output_layer.modulated_rows(h, c, row_of)
+            if out is not None and out.dtype == linear.weight.dtype == h.dtype and _inference(h):
+                logits = torch.addmm(linear.bias, h, linear.weight.t(), out=out)
+            else:
+                logits = linear(h)
+        if self.scale_by_sigma:
+            offset = self._offset(sigma.float(), logits.shape[-1])
+            offset = (offset[row_of] if offset.numel() > 1 else offset)[:, None]
+            # in place on a float32 result; a bf16 one is promoted to float32 by the same subtraction
+            logits = logits.sub_(offset) if logits.dtype == torch.float32 else logits - offset
+        logits = logits.float()
+        own = tokens.reshape(-1).index_select(0, index)
+        return logits.scatter_(-1, own[:, None], 0.0)

@@ -17,9 +17,14 @@ same shape (SPEC section 4, with S' the sum of the ratios to real tokens):
 
 so rows with different predictors and times share one pass and one kernel.
 The uniform graph uses the faithful vocabulary-wide formulas of `graph.py`.
+
+Speed: a step waits for the device once (the count of masked positions, which
+sizes the output); the (positions x vocabulary) maths run in place on the
+output layer's result, and on a CPU into buffers reused from step to step.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -102,13 +107,52 @@ def _row_coefficients(noise: Noise, jobs: Sequence[Job], device) -> tuple[torch.
     return kind, t, dt, sigma, dsigma_rate
 
 
+class _Workspace(threading.local):
+    """Reused CPU buffers for a step's (positions x vocabulary) tensors, one set per thread.
+
+    On a CPU a fresh tensor of tens of megabytes costs page faults every step (the allocator
+    hands large blocks back to the kernel); reusing one buffer per role removes that. On a GPU
+    the caching allocator already reuses memory, so this hands out plain new tensors there."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, width: int, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(rows, width, device=device)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < rows * width:
+            buf = self.buffers[name] = torch.empty(rows * width)
+        return buf[: rows * width].view(rows, width)
+
+
+_workspace = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's reused sampling buffers (they are as large as the largest step so far)."""
+    _workspace.buffers.clear()
+
+
 def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Generator | None], device):
-    """Log of exponential noise for each group of rows, each group from its own generator."""
-    parts = []
+    """Log of exponential noise for each group of rows, each group from its own generator.
+
+    On a CPU: log(1e-10 - log(u + 1e-10)) from uniforms, in place (exponential_ is slow there).
+    On a GPU: log(E) with E from exponential_, one fused kernel, which saves four passes over
+    (positions x vocabulary) memory. Same distribution; a seed's stream differs between the two."""
+    device = torch.device(device)
+    out = _workspace.get("noise", sum(shape_rows), width, device)
+    start = 0
     for n, gen in zip(shape_rows, generators):
-        u = torch.rand((n, width), generator=gen, device=device)
-        parts.append(torch.log(1e-10 - torch.log(u + 1e-10)))
-    return torch.cat(parts) if parts else torch.empty(0, width, device=device)
+        if n:
+            if device.type == "cpu":
+                torch.rand((n, width), generator=gen, device=device, out=out[start : start + n])
+            else:
+                out[start : start + n].exponential_(generator=gen)
+        start += n
+    if device.type == "cpu":
+        return out.add_(1e-10).log_().neg_().add_(1e-10).log_()
+    return out.log_()
 
 
 def _advance(jobs: Sequence[Job], x: torch.Tensor) -> None:
@@ -141,32 +185,55 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> in
 
 
 def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
-    masked = x == graph.mask  # (B, L)
-    per_row = masked.sum(dim=1)
-    counts = per_row.tolist()
-    if sum(counts) == 0:
+    masked = (x == graph.mask).reshape(-1)
+    counts = masked.view(x.shape).sum(dim=1).tolist()  # the step's one host sync: it sizes the output
+    total = sum(counts)
+    if total == 0:
         return x, 0
-    log_score = model.log_score_at(x, sigma, masked).float()  # (N, V)
+    index = _nonzero(masked, total)  # flat masked positions, row-major
+    row_of = torch.div(index, x.shape[1], rounding_mode="floor")
+    vocab = graph.dim
+    out = _workspace.get("scores", total, vocab, x.device) if x.device.type == "cpu" else None
+    log_score = model.log_score_at_index(x, sigma, index, out=out)
+
     ds = sigma - noise.total((t - dt).clamp_min(0))
     coef = torch.where(kind == EULER, dt * dsigma_rate, torch.expm1(torch.where(kind == DENOISE, sigma, ds)))
-    coef = coef.repeat_interleave(per_row)  # (N,)
-    mask_allowed = (kind != DENOISE).repeat_interleave(per_row)
+    coef, mask_allowed = coef[row_of], (kind != DENOISE)[row_of]  # per position (N,)
 
-    real = log_score[:, :-1]
-    others = torch.logsumexp(real, dim=-1).exp()  # S'
+    real = log_score[:, :-1]  # the maths below run in place on the output buffer
+    others = _log_sum_exp(real, _workspace.get("noise", total, vocab, x.device)[:, :-1]).exp()  # S'
     p_mask = 1 - coef * others
     log_p_mask = torch.where(mask_allowed & (p_mask > 0), torch.log(p_mask.clamp_min(1e-38)), -torch.inf)
-    logits = torch.cat([real + torch.log(coef)[:, None], log_p_mask[:, None]], dim=-1)
+    logits = log_score
+    real.add_(torch.log(coef)[:, None])
+    logits[:, -1] = log_p_mask
 
     group_counts, start = [], 0
     for job in jobs:
         group_counts.append(sum(counts[start : start + job.rows]))
         start += job.rows
-    noise_log = _gumbel(group_counts, logits.shape[-1], [job.generator for job in jobs], x.device)
-    choice = torch.argmax(logits - noise_log, dim=-1)
-    x = x.clone()
-    x[masked] = choice
-    return x, len(choice)
+    noise_log = _gumbel(group_counts, vocab, [job.generator for job in jobs], x.device)
+    choice = torch.argmax(logits.sub_(noise_log), dim=-1)  # Gumbel-max: argmax(logits - log E)
+    x.view(-1).index_copy_(0, index, choice)  # x is this step's own copy (torch.cat)
+    return x, total
+
+
+def _nonzero(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the set entries of a 1-D bool tensor whose count is known (no second sync on a GPU)."""
+    if flags.device.type != "cpu" and hasattr(torch, "nonzero_static"):
+        try:
+            return torch.nonzero_static(flags, size=count).squeeze(1)
+        except (NotImplementedError, RuntimeError):  # not on this device in this PyTorch version
+            pass
+    return flags.nonzero().squeeze(1)
+
+
+def _log_sum_exp(values: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of (N, W) `values`, using `scratch` (N, W) instead of new memory."""
+    peak = values.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    torch.sub(values, peak, out=scratch).exp_()
+    return scratch.sum(dim=-1).log_().add_(peak.squeeze(-1))
 
 
 def _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
@@ -183,5 +250,5 @@ def _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
             probs[rows] = graph.denoise_probs(x[rows], score[rows], sigma[rows, None])
     logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-38)), -torch.inf).flatten(0, 1)
     noise_log = _gumbel([job.rows * job.length for job in jobs], graph.dim, [j.generator for j in jobs], x.device)
-    choice = torch.argmax(logits - noise_log, dim=-1)
+    choice = torch.argmax(logits.sub_(noise_log), dim=-1)
     return choice.view_as(x), choice.numel()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 MASK_PLACEHOLDER = "\u2591"  # ░: how a mask token is drawn in progress displays
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -51,7 +51,7 @@ class CharTokenizer(Tokenizer):
         self.vocab_size = len(chars) + 2
 
     @classmethod
-    def from_config_file(cls, path: Path) -> "CharTokenizer":
+    def from_config_file(cls, path: Path) -> CharTokenizer:
         data = json.loads(Path(path).read_text())
         if "char_ords" not in data:
             raise TokenizerError(f"{path} has no `char_ords`; it is not an Oxen character tokenizer config")

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from helpers import SHARED
 
 from sedd_core.config import SEDDConfig
 from sedd_core.loading import CheckpointError, check_state_dict
 from sedd_core.model import SEDD
-
-from helpers import SHARED
 
 KEYS_FILE = SHARED / "reference" / "checkpoint-keys.json"
 pytestmark = pytest.mark.skipif(not KEYS_FILE.is_file(), reason=f"{KEYS_FILE} not found")

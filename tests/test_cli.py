@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import SHARED
 
 TINY_FIVE = SHARED / "reference" / "tiny-five"

@@ -4,11 +4,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import SHARED
 
 import sedd_core
 from sedd_core.evaluate import evenly_spaced_windows, held_out_bits
-
-from helpers import SHARED
 
 TINY_FIVE = SHARED / "reference" / "tiny-five"
 

@@ -6,11 +6,10 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import SHARED, tiny_config, write_oxen_folder
 
 import sedd_core
 from sedd_core.generation import GenerationError, make_job
-
-from helpers import SHARED, tiny_config, write_oxen_folder
 
 TINY_FIVE = SHARED / "reference" / "tiny-five"
 VOCAB = SHARED / "vocab" / "gpt2.tiktoken"

@@ -7,14 +7,13 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import SHARED, tiny_config, write_oxen_folder
 from safetensors.torch import save_file
 
 import sedd_core
 from sedd_core import hub
 from sedd_core.loading import CheckpointError, LoadedModel, detect_layout
 from sedd_core.model import SEDD
-
-from helpers import SHARED, tiny_config, write_oxen_folder
 
 ABSORB_A = SHARED / "reference" / "absorb-a"
 

@@ -1,17 +1,16 @@
 """Our model, noise, samplers and loss against vectors written by the authors' code (float32, CPU)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-
-from types import SimpleNamespace
+from helpers import SHARED
 
 from sedd_core.graph import graph_from_config
 from sedd_core.loading import load_network
 from sedd_core.losses import score_entropy_loss
 from sedd_core.sampling import ANALYTIC, DENOISE, EULER, Job, denoising_step
-
-from helpers import SHARED
 
 REFERENCE = SHARED / "reference"
 RTOL = 1e-5

@@ -4,12 +4,16 @@ import json
 import string
 
 import pytest
+from helpers import SHARED
 
 from sedd_core.tokenizers import (
-    MASK_PLACEHOLDER, CharTokenizer, TokenizerError, load_gpt2, render, resolve_tokenizer,
+    MASK_PLACEHOLDER,
+    CharTokenizer,
+    TokenizerError,
+    load_gpt2,
+    render,
+    resolve_tokenizer,
 )
-
-from helpers import SHARED
 
 VOCAB = SHARED / "vocab" / "gpt2.tiktoken"
 needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason=f"GPT-2 vocabulary not found at {VOCAB}")

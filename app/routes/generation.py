@@ -17,6 +17,8 @@ from sedd_core.generation import GenerationError, make_job, new_seed
 
 from ..auth import require_api_key
 from ..schemas import (
+    RETRY_AFTER,
+    WWW_AUTHENTICATE,
     ErrorEvent,
     ErrorResponse,
     InfillRequest,
@@ -32,33 +34,55 @@ router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
 
 QUEUE_FULL_RETRY_AFTER_S = 1
 STEP_BACKLOG = 16  # step events a streaming reader may fall behind before it gets only the latest
+STREAM_GRACE_MARGIN_S = 5  # sse-starlette cuts streams this long after the drain timeout, as a last resort
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 SSE_EXAMPLE = (
     'event: step\ndata: {"step":1,"steps":4,"t":0.75,"samples":[{"text":"░░░lo░░░░░░!","masks_left":9}]}\n\n'
     'event: done\ndata: {"id":"sample-…","model":"tiny-five","samples":[{"text":"hello world!"}], …}\n\n'
 )
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "JSON answer, or with `stream: true` / `Accept: text/event-stream` a stream of "
-                         f"`step` events (data: {StepEvent.__name__} in Schemas), then one `done` event (data: "
-                         f"this JSON answer) or one `error` event (data: {ErrorEvent.__name__}). Comment lines "
-                         "(`: ping`) keep idle connections open.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}}},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
-    413: {"model": ErrorResponse, "description": "request body over SEDD_MAX_BODY_BYTES"},
-    422: {"model": ErrorResponse, "description": "invalid input; `detail` says which field and what to change"},
-    503: {"model": ErrorResponse, "description": "model loading, queue full or shutting down; see Retry-After"},
-}
 
 
-@router.post("/sample", response_model=SampleResponse, responses=RESPONSES,
+def _sse_event(name: str, data_model: type) -> dict[str, Any]:
+    """One SSE event as schemathesis and OpenAPI 3.2's `itemSchema` read a stream: `event` names it, `data` is
+    JSON text whose schema is `data_model`."""
+    return {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": f"#/components/schemas/{data_model.__name__}"}}}}
+
+
+def responses(answer: type) -> dict[int | str, dict[str, Any]]:
+    """The documented answers of a generation route whose JSON answer (and `done` event data) is `answer`."""
+    return {
+        200: {"description": "JSON answer, or with `stream: true` / `Accept: text/event-stream` a stream of "
+                             f"`step` events (data: {StepEvent.__name__}), then one `done` event (data: this JSON "
+                             f"answer) or one `error` event (data: {ErrorEvent.__name__}). The stream's schema "
+                             "describes one event. Comment lines (`: ping`) keep idle connections open.",
+              "content": {"text/event-stream": {
+                  "schema": {"oneOf": [_sse_event("step", StepEvent), _sse_event("done", answer),
+                                       _sse_event("error", ErrorEvent)]},
+                  "example": SSE_EXAMPLE}}},
+        401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)",
+              "headers": WWW_AUTHENTICATE},
+        413: {"model": ErrorResponse, "description": "request body over SEDD_MAX_BODY_BYTES"},
+        422: {"model": ErrorResponse, "description": "invalid input; `detail` says which field and what to change"},
+        500: {"model": ErrorResponse, "description": "the generation failed (a fault in its model pass); `detail` "
+                                                     "says why. Other requests are not affected"},
+        503: {"model": ErrorResponse, "description": "model loading, queue full or shutting down (also a request "
+                                                     "still running when the shutdown's drain timeout ends)",
+              "headers": RETRY_AFTER},
+    }
+
+
+@router.post("/sample", response_model=SampleResponse, responses=responses(SampleResponse),
              summary="Draw unconditional samples")
 async def sample(body: SampleRequest, request: Request, state: ReadyState):
     """Samples of the model's length (or `length`), denoised from all-masked in `steps` steps."""
     return await _generate(request, state, body, "sample")
 
 
-@router.post("/infill", response_model=InfillResponse, responses=RESPONSES,
+@router.post("/infill", response_model=InfillResponse, responses=responses(InfillResponse),
              summary="Fill the middle between a fixed prefix and suffix")
 async def infill(body: InfillRequest, request: Request, state: ReadyState):
     """A canvas of `length` tokens (default: the model's length) with `prefix` at its start and `suffix` at
@@ -129,8 +153,9 @@ async def _generate(request: Request, state: ServerState, body: SampleRequest, k
     if streaming:
         return EventSourceResponse(_stream(handle, answer), headers=headers,
                                    ping=state.settings.stream_heartbeat_s,
-                                   shutdown_grace_period=state.settings.drain_timeout_s)
-    done = await _final_event(handle, request, state)
+                                   # after the drain, which ends the stream with `error` itself
+                                   shutdown_grace_period=state.settings.drain_timeout_s + STREAM_GRACE_MARGIN_S)
+    done = await _final_event(handle, request)
     if done is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     response = answer(done)
@@ -172,7 +197,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def _final_event(handle: EngineRequest, request: Request, state: ServerState) -> dict[str, Any] | None:
+async def _final_event(handle: EngineRequest, request: Request) -> dict[str, Any] | None:
     """The `done` data; None when the client left first (the engine request is then cancelled)."""
 
     async def final() -> Any:
@@ -195,5 +220,7 @@ async def _final_event(handle: EngineRequest, request: Request, state: ServerSta
             handle.cancel()
     if event.type == "done":
         return event.data
-    code = status.HTTP_503_SERVICE_UNAVAILABLE if state.status == "draining" else status.HTTP_500_INTERNAL_SERVER_ERROR
-    raise HTTPException(code, detail=event.data.get("error", "generation failed"))
+    detail = event.data.get("error", "generation failed")
+    if event.data.get("outcome") == "shutdown":  # the server stopped before the request finished
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": "5"})
+    raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail=detail)

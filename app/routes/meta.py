@@ -9,13 +9,15 @@ from sedd_core.model import FLASH_ATTN_AVAILABLE
 from sedd_core.sampling import PREDICTORS
 
 from ..auth import require_api_key
-from ..schemas import ErrorResponse, Health, ModelInfo
+from ..schemas import RETRY_AFTER, WWW_AUTHENTICATE, ErrorResponse, Health, ModelInfo
 from ..state import AppState, ReadyState
 
 router = APIRouter(tags=["server"])
 
 
-@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}},
+@router.get("/health", response_model=Health,
+            responses={503: {"model": Health, "description": "not ready: loading, failed or shutting down",
+                             "headers": RETRY_AFTER}},
             summary="Readiness: 200 once the model is loaded and warmed up")
 async def health(state: AppState):
     if state.ready:
@@ -25,7 +27,10 @@ async def health(state: AppState):
 
 
 @router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)],
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+            responses={401: {"model": ErrorResponse, "description": "missing or wrong API key",
+                             "headers": WWW_AUTHENTICATE},
+                       503: {"model": ErrorResponse, "description": "model loading or shutting down",
+                             "headers": RETRY_AFTER}},
             summary="The loaded model and this server's limits")
 async def model_info(state: ReadyState) -> ModelInfo:
     lm, settings = state.lm, state.settings
@@ -43,7 +48,8 @@ async def model_info(state: ReadyState) -> ModelInfo:
 
 @router.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
-                       401: {"model": ErrorResponse}},
+                       401: {"model": ErrorResponse, "description": "missing or wrong API key",
+                             "headers": WWW_AUTHENTICATE}},
             summary="Prometheus metrics")
 async def metrics(state: AppState) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,189 @@
+"""`sedd bench`: the report's shape, and that its naive baseline samples what our sampler samples.
+
+No timing assertions here: speed is measured by `sedd bench` and written down in
+docs/benchmarks-sampling.md, never asserted in a unit test.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sedd_core import bench, sampling
+from sedd_core.generation import iterate, make_job
+from sedd_core.sampling import Job, denoising_step
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def short12():
+    return bench.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=3)
+
+
+def test_cli_prints_a_json_report_with_the_documented_fields():
+    out = subprocess.run([sys.executable, "-m", "sedd_core.cli", "bench", "--preset", "short12", "--steps", "4",
+                          "--rows", "1,2", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for key in ("device", "device_name", "dtype", "torch", "threads", "model", "steps", "length", "memory_method",
+                "flop_counting", "matmul_peak", "one_request", "rows", "network", "load_average_before"):
+        assert key in report, key
+    assert report["dtype"] == "float32" and report["steps"] == 4 and report["length"] == 12
+    assert report["model"]["parameters"] > 0 and report["model"]["vocab_size"] == 99
+    assert report["matmul_peak"]["gflops"] > 0
+    req = report["one_request"]
+    for key in ("ours_s", "naive_s", "naive_our_network_s"):
+        assert req[key]["min"] > 0 and req[key]["median"] >= req[key]["min"]
+    assert req["speedup_authors_median"] > 0 and req["speedup_loop_median"] > 0
+    assert req["naive_extrapolated"] is False
+    assert [e["rows"] for e in report["rows"]] == [1, 2]
+    for entry in report["rows"]:
+        assert entry["samples_per_s"] > 0 and entry["loop_gflops"] > 0 and 0 < entry["loop_peak_fraction"]
+        assert "peak_mem_bytes" in entry and "speedup_vs_1_row" in entry
+    assert [e["tokens"] for e in report["network"]] == [516, 1020, 4092, 8196]  # whole rows of 12
+    for entry in report["network"]:
+        assert entry["gflops"] > 0 and entry["peak_fraction"] > 0 and 0 <= entry["output_share_of_flops"] < 1
+
+
+def test_table_output_names_every_section(capsys):
+    from sedd_core.cli import main
+
+    assert main(["bench", "--preset", "short12", "--steps", "2", "--rows", "1", "--repeats", "1",
+                 "--tokens", "24", "--baselines", "authors", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    for words in ("one request", "naive (authors' loop)", "samples/s", "network", "matmul peak", "FLOPs:", "memory:"):
+        assert words in text
+
+
+def test_naive_baseline_and_our_path_both_sample_complete_texts(short12):
+    gen = torch.Generator().manual_seed(11)
+    naive = bench.naive_generate(short12.model, short12.graph, short12.noise, 3, 12, 8, gen)
+    ours, positions = bench.run_ours(short12, 3, 8, 12, seed=11)
+    for x in (naive, ours):
+        assert x.shape == (3, 12)
+        assert not (x == short12.mask_id).any()
+        assert ((0 <= x) & (x < short12.mask_id)).all()
+    assert 36 <= positions <= 9 * 36  # every position once at least, never more than every step
+
+
+def test_authors_network_code_equals_ours(short12):
+    x = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, ::3] = short12.mask_id
+    sigma = torch.tensor([0.05, 3.0])
+    with torch.no_grad():
+        ours, theirs = short12.model(x, sigma), bench.authors_forward(short12.model, x, sigma)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _our_step_logits(lm, x, step_index, steps):
+    """Our sampler's log probs at x's masked positions for one step, captured before the Gumbel-max."""
+    captured = {}
+    real_gumbel, real_argmax = sampling._gumbel, torch.argmax
+
+    def gumbel(rows, width, gens, device):
+        captured["noise"] = real_gumbel(rows, width, gens, device)
+        return captured["noise"]
+
+    def argmax(values, dim):
+        captured["logits"] = (values + captured["noise"]).clone()
+        return real_argmax(values, dim=dim)
+
+    job = Job(x=x.clone(), steps=steps, predictor="analytic")
+    job.step_index = step_index
+    sampling._gumbel, torch.argmax = gumbel, argmax
+    try:
+        denoising_step(lm.model, lm.graph, lm.noise, [job])
+    finally:
+        sampling._gumbel, torch.argmax = real_gumbel, real_argmax
+    return captured["logits"]
+
+
+def test_naive_loop_probs_at_masked_positions_equal_ours(short12):
+    """Step by step, the naive loop's vocabulary-wide probs are our sampler's at every masked position."""
+    steps, seen = 6, []
+    bench.naive_generate(short12.model, short12.graph, short12.noise, 2, 12, steps, torch.Generator().manual_seed(4),
+                         on_probs=lambda kind, x, probs: seen.append((kind, x.clone(), probs.clone())))
+    assert [kind for kind, _, _ in seen] == ["analytic"] * steps + ["denoise"]
+    for step_index, (kind, x, probs) in enumerate(seen):
+        masked = x == short12.mask_id
+        if not masked.any():
+            continue
+        ours = _our_step_logits(short12, x, step_index, steps).exp()
+        expected = probs[masked]
+        if kind == "denoise":  # the naive denoise drops the mask column; ours gives it probability 0
+            assert torch.all(ours[:, -1] == 0)
+            ours = ours[:, :-1]
+        assert torch.allclose(ours, expected.clamp_min(0), rtol=1e-4, atol=1e-7), (kind, step_index)
+
+
+def test_flop_count_matches_the_modules_matmul_weights(short12):
+    model, config = short12.model, short12.config
+    count = bench.FlopCount.of(config)
+    per_token_weights = sum(
+        block.attn_qkv.weight.numel() + block.attn_out.weight.numel() + block.mlp[0].weight.numel()
+        + block.mlp[2].weight.numel() for block in model.blocks)
+    attention = 4 * config.model.length * config.model.hidden_size * config.model.n_blocks
+    one_row = count.trunk(1, config.model.length)
+    per_row = one_row - config.model.length * (2 * per_token_weights + attention)
+    assert per_row == (sum(b.adaLN_modulation.weight.numel() for b in model.blocks) * 2
+                       + model.output_layer.adaLN_modulation.weight.numel() * 2
+                       + sum(m.weight.numel() for m in (model.sigma_map.mlp[0], model.sigma_map.mlp[2])) * 2)
+    assert count.output(5) == 5 * 2 * model.output_layer.linear.weight.numel()
+
+
+def test_peak_memory_is_measured_per_configuration():
+    with bench.PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert mem.peak_bytes is not None
+    if mem.method.startswith("VmHWM"):
+        assert mem.peak_bytes >= 32 * 2**20
+
+
+def _compile_works() -> str | None:
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile"
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return "torch.compile on a CPU needs a C++ compiler; none found"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
+def test_compiled_trunk_gives_the_same_tokens_as_eager():
+    lm = bench.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=5)
+
+    def sample():
+        job = make_job(lm, num_samples=3, steps=8, seed=5)  # 3 rows: padded to the bucket of 4
+        for _ in iterate(lm, job):
+            pass
+        return job.x
+
+    eager = sample()
+    lm.model.use_compiled_trunk(True)
+    try:
+        compiled = sample()
+    finally:
+        lm.model.use_compiled_trunk(False)
+    assert torch.equal(eager, compiled)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
+    out_file = tmp_path / "gpu-check.json"
+    out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out_file.read_text())
+    for section in ("environment", "sdpa_backend", "reference", "bench", "engine"):
+        assert section in report["sections"], section
+    assert report["sections"]["bench"]["status"] == "ok", report["sections"]["bench"]
+    assert report["sections"]["engine"]["status"] == "ok", report["sections"]["engine"]
+    assert "samples_per_s" in report["sections"]["engine"]["result"]

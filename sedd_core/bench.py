@@ -502,6 +502,11 @@ def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats:
 
 
 def run_bench(args) -> dict[str, Any]:
+    with torch.no_grad():  # local to this call: the caller's grad mode (a test process, training) stays as it was
+        return _run_bench(args)
+
+
+def _run_bench(args) -> dict[str, Any]:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -536,7 +541,6 @@ def run_bench(args) -> dict[str, Any]:
                           "token per block, per-row conditioning matmuls once per row, output layer 2 x H x V "
                           "only at the positions where it is computed"),
     }
-    torch.set_grad_enabled(False)
     report["load_average_before"] = _load_average()
     peak = None
     if "flops" in sections or "rows" in sections:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import math
 import statistics
@@ -37,12 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
 import torch
 
-from sedd_core import bench
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the checkout's sedd_core, installed or not
+bench = importlib.import_module("sedd_core.bench")
 
 
 class Sections:
@@ -404,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = Path(args.reference) if args.reference else REPO_ROOT.parent / "shared" / "reference"
     sections = Sections(args.budget_s, Path(args.out))
     sections.report.update(argv=sys.argv[1:], smoke=smoke, device=str(device), dtype=str(dtype))
-    log = lambda msg: print(msg, flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
 
     sections.run("environment", lambda: environment(device))
     if smoke:

@@ -32,9 +32,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -372,7 +373,7 @@ class FlopCount:
         return positions * 2 * self.hidden * self.vocab
 
     @classmethod
-    def of(cls, config: SEDDConfig) -> "FlopCount":
+    def of(cls, config: SEDDConfig) -> FlopCount:
         m = config.model
         return cls(m.hidden_size, m.cond_dim, m.n_blocks, config.vocab_size)
 
@@ -407,7 +408,7 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
         naive_generate(lm.model, lm.graph, lm.noise, 1, length, 2, None, networks[name], 1)
     times: dict[str, list[float]] = {"ours": [], **{name: [] for name in baselines}}
     for r in range(repeats):  # interleaved, so that load from other processes hits all paths alike
-        times["ours"].append(timed(lambda: run_ours(lm, 1, steps, length, seed=r), device)[0])
+        times["ours"].append(timed(lambda seed=r: run_ours(lm, 1, steps, length, seed=seed), device)[0])
         for name in baselines:
             times[name].append(timed(naive(networks[name]), device)[0] * scale)
         log(f"  one request, repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
@@ -439,7 +440,8 @@ def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, r
     for r in range(repeats):
         for rows in rows_list:
             with PeakMemory(device) as mem:
-                seconds, (_, positions) = timed(lambda: run_ours(lm, rows, steps, length, seed=r), device)
+                seconds, (_, positions) = timed(lambda n=rows, seed=r: run_ours(lm, n, steps, length, seed=seed),
+                                                device)
             times[rows].append(seconds)
             rates[rows].append(((steps + 1) * count.trunk(rows, length) + count.output(positions)) / seconds / 1e9)
             if mem.peak_bytes is not None:
@@ -479,7 +481,7 @@ def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats:
         out = torch.empty(rows * length, lm.config.vocab_size, device=device) if reuse else None
         index = torch.arange(rows * length, device=device)
 
-        def run():
+        def run(x=x, sigma=sigma, positions=positions, index=index, out=out):
             with torch.inference_mode():
                 if out is not None:
                     return model.log_score_at_index(x, sigma, index, out=out)

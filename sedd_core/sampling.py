@@ -25,8 +25,8 @@ output layer's result, and on a CPU into buffers reused from step to step.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

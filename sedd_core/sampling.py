@@ -163,6 +163,16 @@ def _advance(jobs: Sequence[Job], x: torch.Tensor) -> None:
         start += job.rows
 
 
+def _batch(noise: Noise, jobs: Sequence[Job]) -> tuple[torch.Tensor, ...]:
+    """The jobs' rows, projected and stacked, with their per-row coefficients: (x, kind, t, dt, sigma, rate)."""
+    if len({job.length for job in jobs}) != 1:
+        raise ValueError("jobs in one pass must share a length; group them first")
+    for job in jobs:
+        job.project()
+    x = torch.cat([job.x for job in jobs])
+    return (x, *_row_coefficients(noise, jobs, x.device))
+
+
 @torch.inference_mode()
 def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> int:
     """Advance every job by one step with one model pass. All jobs must share a length.
@@ -170,12 +180,7 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> in
     Returns the number of positions that got the vocabulary-wide maths."""
     if not jobs:
         return 0
-    if len({job.length for job in jobs}) != 1:
-        raise ValueError("jobs in one pass must share a length; group them first")
-    for job in jobs:
-        job.project()
-    x = torch.cat([job.x for job in jobs])
-    kind, t, dt, sigma, dsigma_rate = _row_coefficients(noise, jobs, x.device)
+    x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
     if graph.absorb:
         x, work = _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
     else:
@@ -184,12 +189,27 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> in
     return work
 
 
-def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
+@torch.inference_mode()
+def masked_log_probs(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> torch.Tensor:
+    """What the jobs' next step would draw from, without drawing or advancing them (absorbing graph).
+
+    The unnormalised log probabilities (N, V) at the rows' masked positions, row-major: the fast path's
+    log of the SPEC's euler / analytic / denoise probabilities (-inf where a probability is not positive)."""
+    if not graph.absorb:
+        raise ValueError("masked_log_probs is for the absorbing graph")
+    x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
+    found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
+    return found[0].clone() if found else torch.empty(0, graph.dim, device=x.device)
+
+
+def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
+    """(log probs (N, V) at the masked positions, their flat index, masked count per row), or None when no
+    position is masked. On a CPU the log probs live in a workspace buffer that the next step reuses."""
     masked = (x == graph.mask).reshape(-1)
     counts = masked.view(x.shape).sum(dim=1).tolist()  # the step's one host sync: it sizes the output
     total = sum(counts)
     if total == 0:
-        return x, 0
+        return None
     index = _nonzero(masked, total)  # flat masked positions, row-major
     row_of = torch.div(index, x.shape[1], rounding_mode="floor")
     vocab = graph.dim
@@ -207,7 +227,15 @@ def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rat
     logits = log_score
     real.add_(torch.log(coef)[:, None])
     logits[:, -1] = log_p_mask
+    return logits, index, counts
 
+
+def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
+    found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
+    if found is None:
+        return x, 0
+    logits, index, counts = found
+    vocab = graph.dim
     group_counts, start = [], 0
     for job in jobs:
         group_counts.append(sum(counts[start : start + job.rows]))
@@ -215,7 +243,7 @@ def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rat
     noise_log = _gumbel(group_counts, vocab, [job.generator for job in jobs], x.device)
     choice = torch.argmax(logits.sub_(noise_log), dim=-1)  # Gumbel-max: argmax(logits - log E)
     x.view(-1).index_copy_(0, index, choice)  # x is this step's own copy (torch.cat)
-    return x, total
+    return x, len(index)
 
 
 def _nonzero(flags: torch.Tensor, count: int) -> torch.Tensor:

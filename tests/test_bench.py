@@ -16,7 +16,7 @@ import torch
 
 from sedd_core import bench, sampling
 from sedd_core.generation import iterate, make_job
-from sedd_core.sampling import Job, denoising_step
+from sedd_core.sampling import Job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,26 +83,10 @@ def test_authors_network_code_equals_ours(short12):
 
 
 def _our_step_logits(lm, x, step_index, steps):
-    """Our sampler's log probs at x's masked positions for one step, captured before the Gumbel-max."""
-    captured = {}
-    real_gumbel, real_argmax = sampling._gumbel, torch.argmax
-
-    def gumbel(rows, width, gens, device):
-        captured["noise"] = real_gumbel(rows, width, gens, device)
-        return captured["noise"]
-
-    def argmax(values, dim):
-        captured["logits"] = (values + captured["noise"]).clone()
-        return real_argmax(values, dim=dim)
-
+    """Our sampler's log probs at x's masked positions for one step (what its Gumbel-max draws from)."""
     job = Job(x=x.clone(), steps=steps, predictor="analytic")
     job.step_index = step_index
-    sampling._gumbel, torch.argmax = gumbel, argmax
-    try:
-        denoising_step(lm.model, lm.graph, lm.noise, [job])
-    finally:
-        sampling._gumbel, torch.argmax = real_gumbel, real_argmax
-    return captured["logits"]
+    return sampling.masked_log_probs(lm.model, lm.graph, lm.noise, [job])
 
 
 def test_naive_loop_probs_at_masked_positions_equal_ours(short12):

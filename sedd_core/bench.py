@@ -14,7 +14,8 @@ synthetic model with random weights of a named --preset shape):
 3. the network's achieved FLOP/s against this machine's measured matrix-multiply peak at the same dtype
    (best of several large square matmuls), at several tokens per pass, and the whole sampling loop's.
    FLOPs are counted analytically: 2 x (weights of the matmuls) per token, attention 4 x L x H per token
-   per block, the per-row conditioning matmuls once per row, the output layer only where it is computed.
+   per block, the per-row conditioning matmuls once per row, the output layer only where it is computed
+   (in the sampling loop the last block's attention projection and MLP too: see FlopCount.sampling_loop).
 4. peak memory per configuration: torch.cuda.max_memory_allocated above the memory held before the run
    on CUDA; on a CPU the growth of the process's peak resident set (VmHWM, reset through
    /proc/self/clear_refs before each configuration; ru_maxrss growth where that is unavailable).
@@ -220,15 +221,20 @@ def naive_over_our_network(model: SEDD, indices: torch.Tensor, sigma: torch.Tens
 # Our path
 # ---------------------------------------------------------------------------------------------------
 
-def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """One request of `rows` samples through the library's generation path; (tokens, output positions)."""
+def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0) -> tuple[torch.Tensor, int, int]:
+    """One request of `rows` samples through the library's generation path.
+
+    Returns (tokens, positions that got the output layer, network passes run): a step with no
+    masked position left runs no pass."""
     from .generation import make_job
 
     job = make_job(lm, num_samples=rows, steps=steps, length=length, predictor="analytic", seed=seed)
-    positions = 0
+    positions = passes = 0
     while not job.done:  # generation.iterate, keeping the count of output-layer positions
-        positions += denoising_step(lm.model, lm.graph, lm.noise, [job])
-    return job.x, positions
+        work = denoising_step(lm.model, lm.graph, lm.noise, [job])
+        positions += work
+        passes += work > 0
+    return job.x, positions, passes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,6 +378,14 @@ class FlopCount:
     def output(self, positions: int) -> float:
         return positions * 2 * self.hidden * self.vocab
 
+    def sampling_loop(self, rows: int, length: int, passes: int, positions: int) -> float:
+        """FLOPs of `passes` sampling passes that computed the output at `positions` positions in all.
+
+        The last block runs its attention projection and MLP (9 H^2 multiply-adds per token) only at
+        those positions, like the output layer; the rest of the trunk runs at every position."""
+        skipped = passes * rows * length - positions
+        return passes * self.trunk(rows, length) - skipped * 2 * 9 * self.hidden**2 + self.output(positions)
+
     @classmethod
     def of(cls, config: SEDDConfig) -> FlopCount:
         m = config.model
@@ -440,10 +454,10 @@ def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, r
     for r in range(repeats):
         for rows in rows_list:
             with PeakMemory(device) as mem:
-                seconds, (_, positions) = timed(lambda n=rows, seed=r: run_ours(lm, n, steps, length, seed=seed),
-                                                device)
+                seconds, (_, positions, passes) = timed(
+                    lambda n=rows, seed=r: run_ours(lm, n, steps, length, seed=seed), device)
             times[rows].append(seconds)
-            rates[rows].append(((steps + 1) * count.trunk(rows, length) + count.output(positions)) / seconds / 1e9)
+            rates[rows].append(count.sampling_loop(rows, length, passes, positions) / seconds / 1e9)
             if mem.peak_bytes is not None:
                 memory[rows] = max(memory[rows] or 0, mem.peak_bytes)
             if peak is not None:
@@ -541,7 +555,8 @@ def _run_bench(args) -> dict[str, Any]:
         "memory_method": memory_method(device),
         "flop_counting": ("analytic: 2 x matmul weights per token (qkv, attn_out, mlp), attention 4 x L x H per "
                           "token per block, per-row conditioning matmuls once per row, output layer 2 x H x V "
-                          "only at the positions where it is computed"),
+                          "only at the positions where it is computed; in the sampling loop the last block's "
+                          "attention projection and MLP only there too, and only the passes that ran"),
     }
     report["load_average_before"] = _load_average()
     peak = None

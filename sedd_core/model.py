@@ -91,10 +91,21 @@ class Rotary(nn.Module):
         """cos and sin of position x frequency, (L, d/2) float32: the tables' two halves are equal."""
         key = (seq_len, str(device))
         if key not in self._cache:
-            positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-            angles = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))  # (L, d/2)
-            self._cache[key] = (angles.cos(), angles.sin())
+            # normal tensors even when first asked for under inference_mode: training reuses them
+            with torch.inference_mode(False):
+                positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+                angles = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))  # (L, d/2)
+                self._cache[key] = (angles.cos(), angles.sin())
         return self._cache[key]
+
+    def polar(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """cos + i sin of position x frequency, (L, d/2) complex64: rotary as one complex product."""
+        key = ("polar", seq_len, str(device))
+        if key not in self._cache:
+            cos, sin = self(seq_len, device)
+            with torch.inference_mode(False):
+                self._cache[key] = (torch.complex(cos, sin),)
+        return self._cache[key][0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +135,27 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
             torch.mul(x2, c, out=out2).addcmul_(x1, s)
         else:
             rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return rotated[:, :, 0], rotated[:, :, 1]
+
+
+def pair_interleaving_order(hidden: int, n_heads: int) -> torch.Tensor:
+    """A permutation of attn_qkv's 3H output channels: in each head of q and k, channel j and
+    j + d/2 (the pair that rotary rotates together) become neighbours 2j, 2j + 1; v stays.
+
+    q . k is unchanged when q and k are permuted alike, and with neighbouring pairs rotary is
+    one complex multiplication (`rotary_qk_interleaved`)."""
+    head_dim = hidden // n_heads
+    half = torch.arange(head_dim // 2)
+    in_head = torch.stack([half, half + head_dim // 2], dim=1).reshape(-1)  # 0, d/2, 1, d/2 + 1, ...
+    heads = torch.arange(2 * n_heads)[:, None] * head_dim  # q heads, then k heads
+    return torch.cat([(heads + in_head).reshape(-1), torch.arange(2 * hidden, 3 * hidden)])
+
+
+def rotary_qk_interleaved(qkv: torch.Tensor, polar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_qk` for q and k whose rotary pairs are neighbours (see pair_interleaving_order):
+    (x1 + i x2)(cos + i sin), one pass. qkv (B, L, 3, h, d) float32; polar (L, d/2) complex64."""
+    qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2)))  # (B, L, 2, h, d/2)
+    rotated = torch.view_as_real(qk * polar[:, None, None, :]).flatten(-2)  # (B, L, 2, h, d)
     return rotated[:, :, 0], rotated[:, :, 1]
 
 
@@ -215,19 +247,56 @@ class DDiTBlock(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
-        """x (B, L, H) float32; c (B, cond), or (1, cond) when every row shares one sigma."""
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor) -> torch.Tensor:
+        """x (B, L, H) float32; rotary (cos, sin, polar) of `Rotary`; c (B, cond), or (1, cond) when every
+        row shares one sigma."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-
-        h = self.norm1.modulated(x, shift_msa, scale_msa)
-        qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
-        q, k = rotary_qk(qkv, *rotary)
-        out = self.attn_out(attend(q, k, qkv[:, :, 2]))
+        out = self.attn_out(self._attend(x, rotary, shift_msa, scale_msa))
         x = torch.addcmul(x, gate_msa, self.dropout1(out))  # x + gate * out
+        return self._mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
 
-        h = self.norm2.modulated(x, shift_mlp, scale_mlp)
+    def forward_at(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor,
+                   index: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+        """`forward(x, rotary, c)` at the flat positions `index` only (row row_of[i]): (N, H).
+
+        Keys and values need every position, but after attention each position is on its own:
+        the attention output projection, both residuals and the MLP run only where asked."""
+        mod = self.adaLN_modulation(c)  # (B or 1, 6H)
+        shift_msa, scale_msa = mod[:, None, : 2 * x.shape[-1]].chunk(2, dim=2)
+        attended = self._attend(x, rotary, shift_msa, scale_msa)
+        per_position = mod[row_of] if c.shape[0] > 1 else mod  # (N or 1, 6H)
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_position.chunk(6, dim=1)
+        width = x.shape[-1]
+        out = self.attn_out(attended.reshape(-1, width).index_select(0, index))
+        x = torch.addcmul(x.reshape(-1, width).index_select(0, index), gate_msa, out)
+        return self._mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
+
+    def _attend(self, x, rotary, shift, scale):
+        h = self.norm1.modulated(x, shift, scale)
+        if h.device.type == "cpu" and h.dtype == torch.float32 == self.attn_qkv.weight.dtype and _inference(h):
+            qkv = F.linear(h, self._pair_interleaved_qkv_weight())
+            qkv = rearrange(qkv, "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
+            q, k = rotary_qk_interleaved(qkv, rotary[2])
+        else:
+            qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
+            q, k = rotary_qk(qkv, rotary[0], rotary[1])
+        return attend(q, k, qkv[:, :, 2])  # (B, L, H)
+
+    def _pair_interleaved_qkv_weight(self) -> torch.Tensor:
+        """attn_qkv's weight, rows in `pair_interleaving_order`: a copy kept while the weight is unchanged
+        (CPU float32 inference, where rotary as a complex product saves three passes over q and k)."""
+        weight = self.attn_qkv.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = getattr(self, "_interleaved_qkv", None)
+        if cached is None or cached[0] != key:
+            order = pair_interleaving_order(weight.shape[1], self.n_heads).to(weight.device)
+            cached = self._interleaved_qkv = (key, weight.detach().index_select(0, order))
+        return cached[1]
+
+    def _mlp_residual(self, x, shift, scale, gate):
+        h = self.norm2.modulated(x, shift, scale)
         out = self.mlp[2](linear_gelu(h, self.mlp[0]))
-        return torch.addcmul(x, gate_mlp, self.dropout2(out))
+        return torch.addcmul(x, gate, self.dropout2(out))  # x + gate * out
 
 
 class EmbeddingLayer(nn.Module):
@@ -325,12 +394,17 @@ class SEDD(nn.Module):
         self._compiled_trunk = torch.compile(self._trunk, dynamic=False, mode=mode)
 
     def _trunk(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               shared: bool, index: torch.Tensor | None = None,
+               row_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.vocab_embed(tokens).float()
         c = F.silu(self.sigma_map(sigma[:1] if shared else sigma))
+        polar = None if torch.compiler.is_compiling() else self.rotary_emb.polar(tokens.shape[1], tokens.device)
+        rotary = (cos, sin, polar)
         with self._autocast(tokens.device):
-            for block in self.blocks:
-                x = block(x, (cos, sin), c)
+            for block in self.blocks if index is None else self.blocks[:-1]:
+                x = block(x, rotary, c)
+            if index is not None:
+                x = self.blocks[-1].forward_at(x, rotary, c, index, row_of)
         return x, c
 
     def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,6 +422,18 @@ class SEDD(nn.Module):
             sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
         x, c = self._compiled_trunk(tokens, sigma, cos, sin, False)
         return x[:rows], c[:rows]
+
+    def trunk_at(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
+                 row_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`trunk`'s hidden states at the flat positions `index` only (row row_of[i]): ((N, H), c).
+
+        Eager, the last block runs only there (see `DDiTBlock.forward_at`); compiled, the whole trunk
+        runs and the positions are gathered after it."""
+        if self._compiled_trunk is not None and not torch.is_grad_enabled():
+            x, c = self.trunk(tokens, sigma)
+            return x.reshape(-1, x.shape[-1]).index_select(0, index), c
+        cos, sin = self.rotary_emb(tokens.shape[1], tokens.device)
+        return self._trunk(tokens, sigma, cos, sin, _shared_sigma(sigma), index, row_of)
 
     # ---- output --------------------------------------------------------------------------------
     def _offset(self, sigma: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -377,10 +463,8 @@ class SEDD(nn.Module):
 
         `out` (N, V), float32 and contiguous, receives the result when given (a reused buffer
         avoids fresh memory every step on a CPU); it is used when the model computes in float32."""
-        x, c = self.trunk(tokens, sigma)
-        seq_len = tokens.shape[1]
-        row_of = torch.div(index, seq_len, rounding_mode="floor")
-        h = x.reshape(-1, x.shape[-1]).index_select(0, index)  # (N, H)
+        row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
+        h, c = self.trunk_at(tokens, sigma, index, row_of)  # (N, H)
         linear = self.output_layer.linear
         with self._autocast(tokens.device):
             h = self.output_layer.modulated_rows(h, c, row_of)

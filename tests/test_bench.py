@@ -65,12 +65,13 @@ def test_table_output_names_every_section(capsys):
 def test_naive_baseline_and_our_path_both_sample_complete_texts(short12):
     gen = torch.Generator().manual_seed(11)
     naive = bench.naive_generate(short12.model, short12.graph, short12.noise, 3, 12, 8, gen)
-    ours, positions = bench.run_ours(short12, 3, 8, 12, seed=11)
+    ours, positions, passes = bench.run_ours(short12, 3, 8, 12, seed=11)
     for x in (naive, ours):
         assert x.shape == (3, 12)
         assert not (x == short12.mask_id).any()
         assert ((0 <= x) & (x < short12.mask_id)).all()
     assert 36 <= positions <= 9 * 36  # every position once at least, never more than every step
+    assert 1 <= passes <= 9 and positions <= passes * 36
 
 
 def test_authors_network_code_equals_ours(short12):
@@ -120,6 +121,10 @@ def test_flop_count_matches_the_modules_matmul_weights(short12):
                        + model.output_layer.adaLN_modulation.weight.numel() * 2
                        + sum(m.weight.numel() for m in (model.sigma_map.mlp[0], model.sigma_map.mlp[2])) * 2)
     assert count.output(5) == 5 * 2 * model.output_layer.linear.weight.numel()
+    last = model.blocks[-1]
+    after_attention = last.attn_out.weight.numel() + last.mlp[0].weight.numel() + last.mlp[2].weight.numel()
+    skipped = (2 * 3 * 12 - 7) * 2 * after_attention  # 2 passes over 3 rows of 12, output at 7 positions
+    assert count.sampling_loop(3, 12, 2, 7) == 2 * count.trunk(3, 12) - skipped + count.output(7)
 
 
 def test_peak_memory_is_measured_per_configuration():

@@ -136,3 +136,18 @@ def test_fast_absorbing_path_matches_vocabulary_wide_formulas():
         ours = logits.exp()
         assert ours.shape == expected.shape
         assert torch.allclose(ours, expected.clamp_min(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_sigma", [True, False], ids=["one-sigma", "sigma-per-row"])
+def test_score_at_masked_positions_equals_the_full_network(shared_sigma):
+    """log_score_at (the last block and the output layer only at masked positions) = forward, there."""
+    lm = load_reference("absorb-a", "oxen-layout")
+    ref = torch.load(REFERENCE / "absorb-a" / "reference.pt", weights_only=True)
+    x = ref["x"]
+    sigma = ref["sigma"][:1].expand(x.shape[0]).clone() if shared_sigma else ref["sigma"]
+    masked = x == lm.mask_id
+    assert masked.any() and not masked.all()
+    with torch.inference_mode():
+        full = lm.model(x, sigma)[masked]
+        at_masked = lm.model.log_score_at(x, sigma, masked)
+    assert_close(at_masked, full)

@@ -1,0 +1,60 @@
+"""The CPU inference shortcuts of sedd_core/model.py compute the same function as the plain network."""
+from __future__ import annotations
+
+import torch
+
+from sedd_core.bench import synthetic_model
+from sedd_core.model import pair_interleaving_order, rotary_qk, rotary_qk_interleaved
+
+
+def test_interleaved_rotary_is_the_rotary_of_permuted_channels():
+    hidden, heads, length = 128, 4, 10  # short12's attention shape
+    rotary = synthetic_model("short12", torch.device("cpu"), torch.float32).model.rotary_emb
+    rotary_tables = (rotary(length, torch.device("cpu")), rotary.polar(length, torch.device("cpu")))
+    qkv = torch.randn(2, length, 3 * hidden)
+    order = pair_interleaving_order(hidden, heads)
+    assert sorted(order.tolist()) == list(range(3 * hidden))
+    q, k = rotary_qk(qkv.view(2, length, 3, heads, -1), *rotary_tables[0])
+    q_fast, k_fast = rotary_qk_interleaved(qkv[..., order].view(2, length, 3, heads, -1), rotary_tables[1])
+    within_head = order[: hidden // heads]  # the same permutation in every head of q and k
+    assert torch.allclose(q_fast, q[..., within_head], atol=1e-6)
+    assert torch.allclose(k_fast, k[..., within_head], atol=1e-6)
+    # attention scores are what rotary is for: equal under the shared permutation
+    assert torch.allclose(q_fast @ k_fast.transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-5)
+
+
+def _outputs(model, x, sigma):
+    with torch.inference_mode():
+        fast = model(x, sigma)  # inference: interleaved qkv weight, complex rotary
+    with torch.enable_grad():
+        plain = model(x, sigma).detach()  # autograd on: the plain path
+    return fast, plain
+
+
+def test_inference_path_follows_the_weights_when_they_change():
+    lm = synthetic_model("short12", torch.device("cpu"), torch.float32)
+    model = lm.model.eval()
+    x = torch.randint(0, lm.mask_id, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, ::2] = lm.mask_id
+    sigma = torch.tensor([0.3, 2.0])
+    fast, plain = _outputs(model, x, sigma)
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # what an optimiser step or load_state_dict does: the weight changes in place
+        for block in model.blocks:
+            block.attn_qkv.weight.mul_(1.5)
+    fast_after, plain_after = _outputs(model, x, sigma)
+    assert not torch.allclose(plain_after, plain, atol=1e-3)  # the change matters
+    assert torch.allclose(fast_after, plain_after, rtol=1e-5, atol=1e-5)  # and the cached copy followed it
+
+
+def test_training_works_after_inference_in_the_same_process():
+    """Cached rotary tables first built under inference_mode must not poison a later backward pass."""
+    lm = synthetic_model("short12", torch.device("cpu"), torch.float32)
+    model = lm.model
+    x = torch.randint(0, lm.mask_id, (2, 12), generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.3, 2.0])
+    with torch.inference_mode():
+        model(x, sigma)
+    model.train().requires_grad_(True)
+    model(x, sigma).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].attn_qkv.parameters())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -218,10 +219,13 @@ _FUSED_LINEAR_GELU: bool | None = None
 FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
 
 
-def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """gelu_tanh(linear(x)); on a CPU in float32 the GELU runs inside oneDNN's matmul where available."""
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, fixed_shape: bool = True) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on a CPU in float32 the GELU runs inside oneDNN's matmul where available.
+
+    oneDNN builds a kernel for each new number of rows (about a millisecond), so a caller whose row
+    count changes from call to call (`fixed_shape=False`) gets the plain path."""
     global _FUSED_LINEAR_GELU
-    if (x.device.type == "cpu" and x.dtype == torch.float32 == linear.weight.dtype and _inference(x)
+    if (fixed_shape and x.device.type == "cpu" and x.dtype == torch.float32 == linear.weight.dtype and _inference(x)
             and x.numel() >= FUSED_LINEAR_GELU_MIN_ROWS * x.shape[-1]):
         if _FUSED_LINEAR_GELU is None:
             _FUSED_LINEAR_GELU = _onednn_linear_gelu_works()
@@ -250,26 +254,38 @@ class DDiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor) -> torch.Tensor:
         """x (B, L, H) float32; rotary (cos, sin, polar) of `Rotary`; c (B, cond), or (1, cond) when every
         row shares one sigma."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        out = self.attn_out(self._attend(x, rotary, shift_msa, scale_msa))
-        x = torch.addcmul(x, gate_msa, self.dropout1(out))  # x + gate * out
-        return self._mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
+        mod, attended = self.attention_half(x, rotary, c)
+        return self.position_half(x, attended, mod)
 
-    def forward_at(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor,
-                   index: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
-        """`forward(x, rotary, c)` at the flat positions `index` only (row row_of[i]): (N, H).
+    def attention_half(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...],
+                       c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(modulation (B or 1, 1, 6H), attention output before its projection (B, L, H)): the part of
+        the block that mixes positions. Everything after it (`position_half`) is position by position."""
+        mod = self.adaLN_modulation(c)[:, None]
+        shift_msa, scale_msa = mod[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
+        return mod, self._attend(x, rotary, shift_msa, scale_msa)
 
-        Keys and values need every position, but after attention each position is on its own:
-        the attention output projection, both residuals and the MLP run only where asked."""
-        mod = self.adaLN_modulation(c)  # (B or 1, 6H)
-        shift_msa, scale_msa = mod[:, None, : 2 * x.shape[-1]].chunk(2, dim=2)
-        attended = self._attend(x, rotary, shift_msa, scale_msa)
-        per_position = mod[row_of] if c.shape[0] > 1 else mod  # (N or 1, 6H)
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_position.chunk(6, dim=1)
+    def position_half(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor,
+                      fixed_shape: bool = True) -> torch.Tensor:
+        """Attention projection, gated residual, MLP, gated residual: x and attended (..., H), mod (..., 6H)
+        broadcasting against them. Positions can be gathered first (`at_positions`)."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        out = self.attn_out(attended)
+        x = torch.addcmul(x, gate_msa, self.dropout1(out) if self.training else out)  # x + gate * out
+        h = self.norm2.modulated(x, shift_mlp, scale_mlp)
+        out = self.mlp[2](linear_gelu(h, self.mlp[0], fixed_shape))
+        return torch.addcmul(x, gate_mlp, self.dropout2(out) if self.training else out)
+
+    def at_positions(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor, index: torch.Tensor,
+                     row_of: torch.Tensor) -> torch.Tensor:
+        """`position_half` at the flat positions `index` only (row row_of[i]): (N, H). Keys and values
+        needed every position, but after attention each position is on its own."""
         width = x.shape[-1]
-        out = self.attn_out(attended.reshape(-1, width).index_select(0, index))
-        x = torch.addcmul(x.reshape(-1, width).index_select(0, index), gate_msa, out)
-        return self._mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
+        mod = mod[:, 0]  # (B or 1, 6H)
+        per_position = mod[row_of] if mod.shape[0] > 1 else mod  # (N or 1, 6H)
+        return self.position_half(x.reshape(-1, width).index_select(0, index),
+                                  attended.reshape(-1, width).index_select(0, index), per_position,
+                                  fixed_shape=False)  # N changes from step to step
 
     def _attend(self, x, rotary, shift, scale):
         h = self.norm1.modulated(x, shift, scale)
@@ -292,11 +308,6 @@ class DDiTBlock(nn.Module):
             order = pair_interleaving_order(weight.shape[1], self.n_heads).to(weight.device)
             cached = self._interleaved_qkv = (key, weight.detach().index_select(0, order))
         return cached[1]
-
-    def _mlp_residual(self, x, shift, scale, gate):
-        h = self.norm2.modulated(x, shift, scale)
-        out = self.mlp[2](linear_gelu(h, self.mlp[0]))
-        return torch.addcmul(x, gate, self.dropout2(out))  # x + gate * out
 
 
 class EmbeddingLayer(nn.Module):
@@ -361,6 +372,7 @@ class SEDD(nn.Module):
         if self.scale_by_sigma and not self.absorb:
             raise ValueError("scale_by_sigma is only defined for the absorbing graph")
         self._compiled_trunk = None
+        self._compiled_weights = None
         compile_env = os.environ.get("SEDD_COMPILE", "").lower()
         if compile_env and compile_env not in ("0", "false", "no"):
             self.use_compiled_trunk(True, None if compile_env in ("1", "true", "yes") else compile_env)
@@ -377,12 +389,17 @@ class SEDD(nn.Module):
 
     # ---- trunk: embedding and blocks ---------------------------------------------------------
     def use_compiled_trunk(self, enabled: bool = True, mode: str | None = None) -> None:
-        """Opt in (or out) of running the trunk through torch.compile at inference.
+        """Opt in (or out) of running the trunk through torch.compile at inference (all of it but the
+        last block's position-by-position half, which runs eagerly at the positions asked for).
 
         One static graph (dynamic=False) per power-of-two bucket of rows and per length: a batch is
         padded up to its bucket, so a server sees at most log2(max_rows) + 1 compilations per length.
-        `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs on a GPU). SEDD_COMPILE=1 turns
-        it on at construction; SEDD_COMPILE=<mode> picks the mode too."""
+        `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs on a GPU). Without a mode the
+        graphs are compiled with Inductor's freezing: the weights become constants (prepacked for the
+        CPU's matmul kernels, folded where possible), which is for serving fixed weights; if they change
+        afterwards the trunk runs eagerly again (with a warning) rather than with stale constants.
+        SEDD_COMPILE=1 turns it on at construction; SEDD_COMPILE=<mode> picks the mode too."""
+        self._compiled_weights = None
         if not enabled:
             self._compiled_trunk = None
             return
@@ -391,49 +408,70 @@ class SEDD(nn.Module):
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), 64))  # one graph per bucket and length
-        self._compiled_trunk = torch.compile(self._trunk, dynamic=False, mode=mode)
+        if mode is None:
+            self._compiled_trunk = torch.compile(self._trunk_head, dynamic=False, options={"freezing": True})
+        else:
+            self._compiled_trunk = torch.compile(self._trunk_head, dynamic=False, mode=mode)
 
-    def _trunk(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               shared: bool, index: torch.Tensor | None = None,
-               row_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def _compiled_trunk_usable(self) -> bool:
+        """Compiled trunk on, at inference, and the weights still those it was first compiled with."""
+        if self._compiled_trunk is None or torch.is_grad_enabled():
+            return False
+        key = self._weights_key()
+        if self._compiled_weights is None:
+            self._compiled_weights = key
+        elif key != self._compiled_weights:
+            warnings.warn("the model's weights changed after the trunk was compiled; running it eagerly "
+                          "(call use_compiled_trunk() again to recompile)", stacklevel=3)
+            self._compiled_trunk = None
+            return False
+        return True
+
+    def _trunk_head(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    shared: bool) -> tuple[torch.Tensor, ...]:
+        """Embedding, every block but the last, and the last block's attention half:
+        (x entering the last block, its attention output, its modulation, c). Static shapes (compiled)."""
         x = self.vocab_embed(tokens).float()
         c = F.silu(self.sigma_map(sigma[:1] if shared else sigma))
         polar = None if torch.compiler.is_compiling() else self.rotary_emb.polar(tokens.shape[1], tokens.device)
         rotary = (cos, sin, polar)
         with self._autocast(tokens.device):
-            for block in self.blocks if index is None else self.blocks[:-1]:
+            for block in self.blocks[:-1]:
                 x = block(x, rotary, c)
-            if index is not None:
-                x = self.blocks[-1].forward_at(x, rotary, c, index, row_of)
-        return x, c
+            mod, attended = self.blocks[-1].attention_half(x, rotary, c)
+        return x, attended, mod, c
 
-    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding and blocks: (hidden states (B, L, H) before the output layer, conditioning c).
-
-        c is (B, cond), or (1, cond) when every row has the same sigma: it broadcasts either way."""
+    def _head(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cos, sin = self.rotary_emb(tokens.shape[1], tokens.device)
-        if self._compiled_trunk is None or torch.is_grad_enabled():
-            return self._trunk(tokens, sigma, cos, sin, _shared_sigma(sigma))
+        if not self._compiled_trunk_usable():
+            return self._trunk_head(tokens, sigma, cos, sin, _shared_sigma(sigma))
         rows = tokens.shape[0]
         bucket = 1 << (rows - 1).bit_length()
         if bucket != rows:  # pad to the bucket with copies of the last row; rows never mix
             pad = bucket - rows
             tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
             sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
-        x, c = self._compiled_trunk(tokens, sigma, cos, sin, False)
-        return x[:rows], c[:rows]
+        return tuple(t[:rows] for t in self._compiled_trunk(tokens, sigma, cos, sin, False))
+
+    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and blocks: (hidden states (B, L, H) before the output layer, conditioning c).
+
+        c is (B, cond), or (1, cond) when every row has the same sigma: it broadcasts either way."""
+        x, attended, mod, c = self._head(tokens, sigma)
+        with self._autocast(tokens.device):
+            return self.blocks[-1].position_half(x, attended, mod), c
 
     def trunk_at(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
                  row_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`trunk`'s hidden states at the flat positions `index` only (row row_of[i]): ((N, H), c).
 
-        Eager, the last block runs only there (see `DDiTBlock.forward_at`); compiled, the whole trunk
-        runs and the positions are gathered after it."""
-        if self._compiled_trunk is not None and not torch.is_grad_enabled():
-            x, c = self.trunk(tokens, sigma)
-            return x.reshape(-1, x.shape[-1]).index_select(0, index), c
-        cos, sin = self.rotary_emb(tokens.shape[1], tokens.device)
-        return self._trunk(tokens, sigma, cos, sin, _shared_sigma(sigma), index, row_of)
+        The last block runs past its attention only there (`DDiTBlock.at_positions`)."""
+        x, attended, mod, c = self._head(tokens, sigma)
+        with self._autocast(tokens.device):
+            return self.blocks[-1].at_positions(x, attended, mod, index, row_of), c
 
     # ---- output --------------------------------------------------------------------------------
     def _offset(self, sigma: torch.Tensor, vocab: int) -> torch.Tensor:

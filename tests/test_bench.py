@@ -159,9 +159,16 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager():
     lm.model.use_compiled_trunk(True)
     try:
         compiled = sample()
+        with torch.no_grad():  # the compiled graphs hold the weights as constants (freezing) ...
+            lm.model.blocks[0].mlp[0].weight.mul_(-1)
+        with pytest.warns(UserWarning, match="weights changed"):
+            after_change = sample()  # ... so a change sends the trunk back to eager, never to stale weights
+        assert lm.model._compiled_trunk is None
     finally:
         lm.model.use_compiled_trunk(False)
     assert torch.equal(eager, compiled)
+    assert torch.equal(after_change, sample())
+    assert not torch.equal(after_change, eager)
 
 
 @pytest.mark.slow

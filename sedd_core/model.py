@@ -8,13 +8,17 @@ Inference speed (the maths is the authors'; only the order of operations and
 the memory they touch change, so results agree to float rounding):
 - rows that share one sigma (every row of one request) share one conditioning
   row, so layer norm and modulation fuse into one affine layer norm;
-- rotary embedding writes q and k in one pass each, no unbind/stack copies;
+- rotary embedding writes q and k in one pass each, no unbind/stack copies; on a
+  CPU in float32, q and k come out of a copy of the qkv weight whose rows put each
+  rotary pair side by side, so rotary is one complex multiplication;
 - gated residuals are one `addcmul`; on a CPU the MLP's GELU runs in the
   matmul's epilogue (oneDNN) where PyTorch offers it;
 - `log_score_at` computes the vocabulary-wide output layer only at the
-  positions asked for, optionally into a caller's buffer;
+  positions asked for, optionally into a caller's buffer, and so does the
+  last block after its attention (keys and values still need every position);
 - `use_compiled_trunk()` (or SEDD_COMPILE=1) runs the embedding and blocks
-  through `torch.compile` with one static graph per power-of-two row bucket.
+  through `torch.compile` with one static graph per power-of-two row bucket
+  (Inductor freezing: weights folded in as constants).
 """
 from __future__ import annotations
 

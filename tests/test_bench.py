@@ -42,6 +42,7 @@ def test_cli_prints_a_json_report_with_the_documented_fields():
     for key in ("ours_s", "naive_s", "naive_our_network_s"):
         assert req[key]["min"] > 0 and req[key]["median"] >= req[key]["min"]
     assert req["speedup_authors_median"] > 0 and req["speedup_loop_median"] > 0
+    assert req["speedup_authors_paired"] == pytest.approx(req["naive_s"]["median"] / req["ours_s"]["median"])  # 1 repeat
     assert req["naive_extrapolated"] is False
     assert [e["rows"] for e in report["rows"]] == [1, 2]
     for entry in report["rows"]:

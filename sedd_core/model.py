@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 
 import torch
@@ -416,6 +417,23 @@ class SEDD(nn.Module):
             self._compiled_trunk = torch.compile(self._trunk_head, dynamic=False, options={"freezing": True})
         else:
             self._compiled_trunk = torch.compile(self._trunk_head, dynamic=False, mode=mode)
+
+    def warm_compiled_trunk(self, max_rows: int, length: int) -> list[tuple[int, float]]:
+        """Compile every row bucket up to `max_rows` at `length` now, rather than at the first batch of
+        each size (a compilation takes seconds to a minute). Returns (bucket, seconds) per bucket."""
+        if self._compiled_trunk is None:
+            return []
+        device = self.output_layer.linear.weight.device
+        timings, bucket = [], 1
+        while True:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                self.trunk(torch.zeros(bucket, length, dtype=torch.long, device=device),
+                           torch.ones(bucket, device=device))
+            timings.append((bucket, time.perf_counter() - start))
+            if bucket >= max_rows:
+                return timings
+            bucket *= 2
 
     def _weights_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())

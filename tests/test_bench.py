@@ -159,6 +159,7 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager():
     eager = sample()
     lm.model.use_compiled_trunk(True)
     try:
+        assert [bucket for bucket, _ in lm.model.warm_compiled_trunk(3, 12)] == [1, 2, 4]
         compiled = sample()
         with torch.no_grad():  # the compiled graphs hold the weights as constants (freezing) ...
             lm.model.blocks[0].mlp[0].weight.mul_(-1)

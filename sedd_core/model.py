@@ -41,6 +41,19 @@ except Exception:  # pragma: no cover - depends on the host
     flash_attn_func = flash_attn_varlen_qkvpacked_func = None
 
 FLASH_ATTN_AVAILABLE = flash_attn_varlen_qkvpacked_func is not None
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer; older cards raise at the first call
+_flash_attn_devices: dict[torch.device, bool] = {}
+
+
+def flash_attn_usable(tensor: torch.Tensor) -> bool:
+    """flash-attn is installed, and the tensor is half-precision on a CUDA card that it supports
+    (compute capability 8.0 or newer: A10, A100, H100, ...). Elsewhere attention goes through SDPA."""
+    if not (FLASH_ATTN_AVAILABLE and tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    device = tensor.device
+    if device not in _flash_attn_devices:
+        _flash_attn_devices[device] = torch.cuda.get_device_capability(device) >= FLASH_ATTN_MIN_CAPABILITY
+    return _flash_attn_devices[device]
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
@@ -192,7 +205,7 @@ class LayerNorm(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bidirectional softmax attention, scale 1/sqrt(d). q, k, v: (B, L, h, d) -> (B, L, h*d)."""
     batch, seq_len = q.shape[0], q.shape[1]
-    if FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash_attn_usable(q):
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
         return out.reshape(batch, seq_len, -1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, L, d)
@@ -202,7 +215,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def attention(qkv: torch.Tensor) -> torch.Tensor:
     """Bidirectional softmax attention. qkv: (B, L, 3, h, d) -> (B, L, h*d)."""
     batch, seq_len = qkv.shape[0], qkv.shape[1]
-    if FLASH_ATTN_AVAILABLE and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
+    if flash_attn_usable(qkv):
         packed = rearrange(qkv, "b s three h d -> (b s) three h d")
         cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=qkv.device)
         out = flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, seq_len, 0.0, causal=False)

@@ -117,7 +117,7 @@ def _load_and_warm(settings: Settings) -> LoadedModel:
         generate(lm, num_samples=1, steps=1, seed=0)  # one predictor step and the final denoise
         log.info("warm-up generation took %.2f s", time.perf_counter() - start)
         for bucket, seconds in lm.model.warm_compiled_trunk(settings.max_rows, lm.length):  # SEDD_COMPILE
-            log.info("compiled the trunk for %d rows x %d positions in %.1f s", bucket, lm.length, seconds)
+            log.info("compiled trunk ready for %d rows x %d positions (%.1f s)", bucket, lm.length, seconds)
     return lm
 
 

@@ -1,6 +1,7 @@
 """The CPU inference shortcuts of sedd_core/model.py compute the same function as the plain network."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sedd_core.bench import synthetic_model
@@ -78,3 +79,26 @@ def test_flash_attn_is_used_only_on_cards_that_support_it(monkeypatch):
     assert model_module.flash_attn_usable(tensor("cuda:1"))  # an A10
     assert not model_module.flash_attn_usable(tensor("cuda:1", torch.float32))
     assert not model_module.flash_attn_usable(torch.zeros(1, dtype=torch.bfloat16))  # CPU
+
+
+def test_bfloat16_path_agrees_with_float32_at_masked_positions():
+    """The GPU's precision path (autocast, bf16 weights, float32 norms and output maths) through the
+    masked-only last block and output layer, run on the CPU: equal to float32 within bf16 rounding."""
+    from helpers import SHARED
+
+    from sedd_core.loading import load_network
+
+    folder = SHARED / "reference" / "absorb-a" / "oxen-layout"
+    if not folder.is_dir():
+        pytest.skip(f"reference vectors not found at {folder}")
+    ref = torch.load(SHARED / "reference" / "absorb-a" / "reference.pt", weights_only=True)
+    full, _, _ = load_network(folder, torch.device("cpu"), torch.float32)
+    half, config, _ = load_network(folder, torch.device("cpu"), torch.bfloat16)
+    x, sigma = ref["x"], ref["sigma"]
+    masked = x == config.mask_id
+    with torch.inference_mode():
+        expected = full(x, sigma)[masked]
+        ours = half.log_score_at(x, sigma, masked)
+    assert ours.dtype == torch.float32  # the vocabulary maths run in float32 whatever the weights
+    scale = expected.abs().max()
+    assert ((ours - expected).abs().max() / scale).item() < 2e-2

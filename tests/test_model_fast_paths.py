@@ -101,4 +101,4 @@ def test_bfloat16_path_agrees_with_float32_at_masked_positions():
         ours = half.log_score_at(x, sigma, masked)
     assert ours.dtype == torch.float32  # the vocabulary maths run in float32 whatever the weights
     scale = expected.abs().max()
-    assert ((ours - expected).abs().max() / scale).item() < 2e-2
+    assert ((ours - expected).abs().max() / scale).item() < 1e-2  # measured 1.3e-3

@@ -229,7 +229,7 @@ def _sampler_step_check(device: torch.device, folder: Path) -> dict[str, Any]:
 
 def bench_section(device: torch.device, dtype: torch.dtype, preset: str, steps: int, length: int | None,
                   rows_list: list[int], tokens_list: list[int], naive_steps: int, peak_size: int,
-                  repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+                  repeats: int, log: Callable[[str], None], compile_mode: str | None = None) -> dict[str, Any]:
     lm = bench.synthetic_model(preset, device, dtype)
     length = length or lm.length
     torch.set_grad_enabled(False)
@@ -241,6 +241,11 @@ def bench_section(device: torch.device, dtype: torch.dtype, preset: str, steps: 
     out["one_request"] = bench.bench_one_request(lm, steps, length, repeats, naive_steps, ("authors",), log)
     out["rows"] = bench.bench_rows(lm, rows_list, steps, length, 1, peak, log)
     out["network"] = bench.bench_network(lm, tokens_list, length, repeats, peak, log)
+    if compile_mode:  # the same request through torch.compile ("reduce-overhead": CUDA graphs)
+        lm.model.use_compiled_trunk(True, None if compile_mode == "freeze" else compile_mode)
+        out["one_request_compiled"] = {"mode": compile_mode, **bench.bench_one_request(
+            lm, steps, length, repeats, naive_steps, ("authors",), log)}
+        lm.model.use_compiled_trunk(False)
     peak.sample(3)
     out["matmul_peak"] = peak.report()
     for entry in out["rows"]:
@@ -348,6 +353,10 @@ def print_summary(report: dict[str, Any]) -> None:
         req = b["one_request"]
         print(f"  one request: ours {req['ours_s']['min']:.3f} s, naive {req['naive_s']['min']:.3f} s -> "
               f"{req['speedup_authors_min']:.2f}x" + (" (naive extrapolated per step)" if req["naive_extrapolated"] else ""))
+        compiled = b.get("one_request_compiled")
+        if compiled:
+            print(f"  one request, compiled ({compiled['mode']}): ours {compiled['ours_s']['min']:.3f} s -> "
+                  f"{compiled['speedup_authors_min']:.2f}x the naive loop")
         for e in b["rows"]:
             print(f"  rows {e['rows']:3d}: {e['samples_per_s']:8.2f} samples/s, loop {e['loop_gflops'] / 1e3:6.1f} TFLOP/s "
                   f"({e['loop_peak_fraction']:.0%} of peak), peak mem {(e['peak_mem_bytes'] or 0) / 2**30:.2f} GiB")
@@ -376,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-steps", type=int, default=None, help="engine request steps (default 32)")
     p.add_argument("--peak-size", type=int, default=None, help="square matmul for the peak (default 8192)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any device: checks the script in seconds")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="also time one request with the compiled trunk: reduce-overhead (CUDA graphs) or freeze")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -403,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     sections.run("bench", lambda: bench_section(
         device, dtype, preset, steps, None, [1, 2] if smoke else [1, 8, 32],
         [24, 48] if smoke else [1024, 4096, 8192, 16384], args.naive_steps or (2 if smoke else 16),
-        args.peak_size or (256 if smoke else 8192), 1 if smoke else 2, log))
+        args.peak_size or (256 if smoke else 8192), 1 if smoke else 2, log, args.compile))
     sections.run("engine", lambda: engine_section(
         device, dtype, engine_preset, 4 if smoke else 32, 2 if smoke else 4, args.engine_steps or (4 if smoke else 32),
         8 if smoke else 32, 4 if smoke else 8))

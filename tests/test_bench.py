@@ -176,8 +176,10 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager():
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
     out_file = tmp_path / "gpu-check.json"
-    out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    command = [sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)]
+    if _compile_works() is None:
+        command += ["--compile", "freeze"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out_file.read_text())
     for section in ("environment", "sdpa_backend", "reference", "bench", "engine"):
@@ -185,3 +187,6 @@ def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
     assert report["sections"]["bench"]["status"] == "ok", report["sections"]["bench"]
     assert report["sections"]["engine"]["status"] == "ok", report["sections"]["engine"]
     assert "samples_per_s" in report["sections"]["engine"]["result"]
+    if "--compile" in command:
+        compiled = report["sections"]["bench"]["result"]["one_request_compiled"]
+        assert compiled["mode"] == "freeze" and compiled["ours_s"]["min"] > 0

@@ -7,7 +7,8 @@ authors' checkpoints exactly (see ../shared/reference/checkpoint-keys.json).
 Inference speed (the maths is the authors'; only the order of operations and
 the memory they touch change, so results agree to float rounding):
 - rows that share one sigma (every row of one request) share one conditioning
-  row, so layer norm and modulation fuse into one affine layer norm;
+  row, so layer norm and modulation fuse into one affine layer norm; every
+  block's modulation comes from one matmul over their weights side by side;
 - rotary embedding writes q and k in one pass each, no unbind/stack copies; on a
   CPU in float32, q and k come out of a copy of the qkv weight whose rows put each
   rotary pair side by side, so rotary is one complex multiplication;
@@ -196,7 +197,8 @@ class LayerNorm(nn.Module):
         When they hold one row (all rows share a sigma) the whole thing is one affine layer norm
         with weight * (1 + scale) and bias shift; otherwise a plain norm and one addcmul."""
         with _no_autocast(x.device):
-            gain = self.weight.float() * (1 + scale.float())
+            weight = self.weight.float()
+            gain = torch.addcmul(weight, weight, scale.float())  # weight * (1 + scale), one op
             if shift.numel() == self.dim:
                 return F.layer_norm(x.float(), [self.dim], gain.reshape(self.dim), shift.float().reshape(self.dim))
             return torch.addcmul(shift.float(), F.layer_norm(x.float(), [self.dim]), gain)
@@ -269,17 +271,19 @@ class DDiTBlock(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor,
+                mod: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, H) float32; rotary (cos, sin, polar) of `Rotary`; c (B, cond), or (1, cond) when every
-        row shares one sigma."""
-        mod, attended = self.attention_half(x, rotary, c)
+        row shares one sigma; mod as in `attention_half`."""
+        mod, attended = self.attention_half(x, rotary, c, mod)
         return self.position_half(x, attended, mod)
 
-    def attention_half(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...],
-                       c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_half(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor,
+                       mod: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(modulation (B or 1, 1, 6H), attention output before its projection (B, L, H)): the part of
-        the block that mixes positions. Everything after it (`position_half`) is position by position."""
-        mod = self.adaLN_modulation(c)[:, None]
+        the block that mixes positions. Everything after it (`position_half`) is position by position.
+        `mod`, when given, is this block's adaLN_modulation(c), already computed (`SEDD._modulations`)."""
+        mod = (self.adaLN_modulation(c) if mod is None else mod)[:, None]
         shift_msa, scale_msa = mod[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
         return mod, self._attend(x, rotary, shift_msa, scale_msa)
 
@@ -391,6 +395,7 @@ class SEDD(nn.Module):
             raise ValueError("scale_by_sigma is only defined for the absorbing graph")
         self._compiled_trunk = None
         self._compiled_weights = None
+        self._stacked_modulation = None
         compile_env = os.environ.get("SEDD_COMPILE", "").lower()
         if compile_env and compile_env not in ("0", "false", "no"):
             self.use_compiled_trunk(True, None if compile_env in ("1", "true", "yes") else compile_env)
@@ -474,10 +479,25 @@ class SEDD(nn.Module):
         polar = None if torch.compiler.is_compiling() else self.rotary_emb.polar(tokens.shape[1], tokens.device)
         rotary = (cos, sin, polar)
         with self._autocast(tokens.device):
-            for block in self.blocks[:-1]:
-                x = block(x, rotary, c)
-            mod, attended = self.blocks[-1].attention_half(x, rotary, c)
+            mods = self._modulations(c)
+            for block, mod in zip(self.blocks[:-1], mods):
+                x = block(x, rotary, c, mod)
+            mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
         return x, attended, mod, c
+
+    def _modulations(self, c: torch.Tensor) -> list[torch.Tensor | None]:
+        """Every block's adaLN_modulation(c), from one matmul over their weights side by side (at inference:
+        one kernel instead of one per block); Nones (each block computes its own) when training or compiling."""
+        if not _inference(c):
+            return [None] * len(self.blocks)
+        layers = [block.adaLN_modulation for block in self.blocks]
+        key = tuple((t.data_ptr(), t._version) for layer in layers for t in (layer.weight, layer.bias))
+        if self._stacked_modulation is None or self._stacked_modulation[0] != key:
+            weight = torch.cat([layer.weight.detach() for layer in layers])
+            bias = torch.cat([layer.bias.detach() for layer in layers])
+            self._stacked_modulation = (key, weight, bias)
+        _, weight, bias = self._stacked_modulation
+        return list(F.linear(c, weight, bias).split(layers[0].out_features, dim=-1))
 
     def _head(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cos, sin = self.rotary_emb(tokens.shape[1], tokens.device)

@@ -1,4 +1,4 @@
-"""The CPU inference shortcuts of sedd_core/model.py compute the same function as the plain network."""
+"""The inference shortcuts of sedd_core/model.py compute the same function as the plain network."""
 from __future__ import annotations
 
 import pytest
@@ -40,9 +40,10 @@ def test_inference_path_follows_the_weights_when_they_change():
     sigma = torch.tensor([0.3, 2.0])
     fast, plain = _outputs(model, x, sigma)
     assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # what an optimiser step or load_state_dict does: the weight changes in place
+    with torch.no_grad():  # what an optimiser step or load_state_dict does: the weights change in place
         for block in model.blocks:
-            block.attn_qkv.weight.mul_(1.5)
+            block.attn_qkv.weight.mul_(1.5)  # cached as a pair-interleaved copy
+            block.adaLN_modulation.bias.add_(0.1)  # cached stacked with the other blocks' modulation
     fast_after, plain_after = _outputs(model, x, sigma)
     assert not torch.allclose(plain_after, plain, atol=1e-3)  # the change matters
     assert torch.allclose(fast_after, plain_after, rtol=1e-5, atol=1e-5)  # and the cached copy followed it

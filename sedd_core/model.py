@@ -37,11 +37,11 @@ from torch import nn
 from .config import SEDDConfig
 
 try:  # optional CUDA kernel; PyTorch SDPA is the fallback everywhere else
-    from flash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_qkvpacked_func
+    from flash_attn.flash_attn_interface import flash_attn_func
 except Exception:  # pragma: no cover - depends on the host
-    flash_attn_func = flash_attn_varlen_qkvpacked_func = None
+    flash_attn_func = None
 
-FLASH_ATTN_AVAILABLE = flash_attn_varlen_qkvpacked_func is not None
+FLASH_ATTN_AVAILABLE = flash_attn_func is not None
 FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer; older cards raise at the first call
 _flash_attn_devices: dict[torch.device, bool] = {}
 
@@ -56,10 +56,6 @@ def flash_attn_usable(tensor: torch.Tensor) -> bool:
         _flash_attn_devices[device] = torch.cuda.get_device_capability(device) >= FLASH_ATTN_MIN_CAPABILITY
     return _flash_attn_devices[device]
 FREQUENCY_EMBEDDING_SIZE = 256
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -128,21 +124,12 @@ class Rotary(nn.Module):
         return self._cache[key][0]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x cos + rotate_half(x) sin, with cos and sin at full width d (the SPEC's form)."""
-    return x * cos + rotate_half(x) * sin
-
-
 def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k of qkv (B, L, 3, h, d) rotated: (B, L, h, d) each; cos and sin are (L, d/2).
 
-    With x = [x1, x2] (halves) and the tables' halves equal, x cos + rotate_half(x) sin is
-    [x1 c - x2 s, x2 c + x1 s]; at inference that is written straight into one buffer."""
+    With x = [x1, x2] (halves) and the tables' halves equal, the SPEC's x cos + rotate_half(x) sin
+    (rotate_half(x) = [-x2, x1]) is [x1 c - x2 s, x2 c + x1 s]; at inference that is written straight
+    into one buffer."""
     with _no_autocast(qkv.device):
         qk = qkv[:, :, :2]  # (B, L, 2, h, d), a view
         x1, x2 = qk.chunk(2, dim=-1)
@@ -212,17 +199,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return out.reshape(batch, seq_len, -1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, L, d)
     return out.transpose(1, 2).reshape(batch, seq_len, -1)
-
-
-def attention(qkv: torch.Tensor) -> torch.Tensor:
-    """Bidirectional softmax attention. qkv: (B, L, 3, h, d) -> (B, L, h*d)."""
-    batch, seq_len = qkv.shape[0], qkv.shape[1]
-    if flash_attn_usable(qkv):
-        packed = rearrange(qkv, "b s three h d -> (b s) three h d")
-        cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=qkv.device)
-        out = flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, seq_len, 0.0, causal=False)
-        return rearrange(out, "(b s) h d -> b s (h d)", b=batch)
-    return attend(*qkv.unbind(dim=2))
 
 
 def _onednn_linear_gelu_works() -> bool:

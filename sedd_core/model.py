@@ -46,12 +46,12 @@ FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer; old
 _flash_attn_devices: dict[torch.device, bool] = {}
 
 
-def flash_attn_usable(tensor: torch.Tensor) -> bool:
-    """flash-attn is installed, and the tensor is half-precision on a CUDA card that it supports
+def flash_attn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash-attn is installed, and `dtype` is half-precision on a CUDA card that it supports
     (compute capability 8.0 or newer: A10, A100, H100, ...). Elsewhere attention goes through SDPA."""
-    if not (FLASH_ATTN_AVAILABLE and tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
+    device = torch.device(device)
+    if not (FLASH_ATTN_AVAILABLE and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
         return False
-    device = tensor.device
     if device not in _flash_attn_devices:
         _flash_attn_devices[device] = torch.cuda.get_device_capability(device) >= FLASH_ATTN_MIN_CAPABILITY
     return _flash_attn_devices[device]
@@ -66,6 +66,12 @@ def _no_autocast(device: torch.device):
     if not torch.is_autocast_enabled(device.type):
         return _NO_CONTEXT
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def contents_key(tensors) -> tuple:
+    """Changes whenever any of the tensors is replaced (`.to()`, a new Parameter) or written in place (an
+    optimiser step, load_state_dict): the key of caches derived from weights."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def _inference(t: torch.Tensor) -> bool:
@@ -194,7 +200,7 @@ class LayerNorm(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bidirectional softmax attention, scale 1/sqrt(d). q, k, v: (B, L, h, d) -> (B, L, h*d)."""
     batch, seq_len = q.shape[0], q.shape[1]
-    if flash_attn_usable(q):
+    if flash_attn_usable(q.device, q.dtype):
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
         return out.reshape(batch, seq_len, -1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, L, d)
@@ -246,6 +252,7 @@ class DDiTBlock(nn.Module):
         )
         self.dropout2 = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
+        self._interleaved_qkv: tuple | None = None  # (contents key, weight copy): _pair_interleaved_qkv_weight
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], c: torch.Tensor,
                 mod: torch.Tensor | None = None) -> torch.Tensor:
@@ -300,8 +307,8 @@ class DDiTBlock(nn.Module):
         """attn_qkv's weight, rows in `pair_interleaving_order`: a copy kept while the weight is unchanged
         (CPU float32 inference, where rotary as a complex product saves three passes over q and k)."""
         weight = self.attn_qkv.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cached = getattr(self, "_interleaved_qkv", None)
+        key = contents_key([weight])
+        cached = self._interleaved_qkv
         if cached is None or cached[0] != key:
             order = pair_interleaving_order(weight.shape[1], self.n_heads).to(weight.device)
             cached = self._interleaved_qkv = (key, weight.detach().index_select(0, order))
@@ -429,14 +436,11 @@ class SEDD(nn.Module):
                 return timings
             bucket *= 2
 
-    def _weights_key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
-
     def _compiled_trunk_usable(self) -> bool:
         """Compiled trunk on, at inference, and the weights still those it was first compiled with."""
         if self._compiled_trunk is None or torch.is_grad_enabled():
             return False
-        key = self._weights_key()
+        key = contents_key(self.parameters())
         if self._compiled_weights is None:
             self._compiled_weights = key
         elif key != self._compiled_weights:
@@ -467,7 +471,7 @@ class SEDD(nn.Module):
         if not _inference(c):
             return [None] * len(self.blocks)
         layers = [block.adaLN_modulation for block in self.blocks]
-        key = tuple((t.data_ptr(), t._version) for layer in layers for t in (layer.weight, layer.bias))
+        key = contents_key(t for layer in layers for t in (layer.weight, layer.bias))
         if self._stacked_modulation is None or self._stacked_modulation[0] != key:
             weight = torch.cat([layer.weight.detach() for layer in layers])
             bias = torch.cat([layer.bias.detach() for layer in layers])

@@ -64,8 +64,6 @@ def test_training_works_after_inference_in_the_same_process():
 
 def test_flash_attn_is_used_only_on_cards_that_support_it(monkeypatch):
     """flash-attn 2 raises on pre-Ampere cards (T4, V100): those, CPUs and float32 go through SDPA."""
-    from types import SimpleNamespace
-
     from sedd_core import model as model_module
 
     monkeypatch.setattr(model_module, "FLASH_ATTN_AVAILABLE", True)
@@ -73,13 +71,11 @@ def test_flash_attn_is_used_only_on_cards_that_support_it(monkeypatch):
     capability = {torch.device("cuda:0"): (7, 5), torch.device("cuda:1"): (8, 6)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device])
 
-    def tensor(device, dtype=torch.bfloat16):
-        return SimpleNamespace(is_cuda=device.startswith("cuda"), device=torch.device(device), dtype=dtype)
-
-    assert not model_module.flash_attn_usable(tensor("cuda:0"))  # a T4
-    assert model_module.flash_attn_usable(tensor("cuda:1"))  # an A10
-    assert not model_module.flash_attn_usable(tensor("cuda:1", torch.float32))
-    assert not model_module.flash_attn_usable(torch.zeros(1, dtype=torch.bfloat16))  # CPU
+    usable = model_module.flash_attn_usable
+    assert not usable("cuda:0", torch.bfloat16)  # a T4
+    assert usable("cuda:1", torch.bfloat16)  # an A10
+    assert not usable("cuda:1", torch.float32)
+    assert not usable("cpu", torch.bfloat16)
 
 
 def test_bfloat16_path_agrees_with_float32_at_masked_positions():

@@ -1,7 +1,6 @@
 """GET /health (open), GET /v1/model and GET /metrics (behind the API key when there is one)."""
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,7 +34,6 @@ async def health(state: AppState):
             summary="The loaded model and this server's limits")
 async def model_info(state: ReadyState) -> ModelInfo:
     lm, settings = state.lm, state.settings
-    probe = torch.empty(0, device=lm.device, dtype=lm.dtype)
     return ModelInfo(
         name=lm.name, source=lm.source, layout=lm.layout, tokenizer=lm.tokenizer.name,
         vocab_size=lm.config.vocab_size, length=lm.length, device=str(lm.device),
@@ -43,7 +41,7 @@ async def model_info(state: ReadyState) -> ModelInfo:
         noise=lm.config.noise, predictors=list(PREDICTORS), max_rows=settings.max_rows,
         max_queue=settings.max_queue, max_steps=settings.max_steps, max_samples=settings.max_samples,
         flash_attn={"available": FLASH_ATTN_AVAILABLE,
-                    "used": flash_attn_usable(probe)},
+                    "used": flash_attn_usable(lm.device, lm.dtype)},
     )
 
 

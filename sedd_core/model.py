@@ -531,12 +531,14 @@ class SEDD(nn.Module):
         return self.log_score_at_index(tokens, sigma, positions.reshape(-1).nonzero().squeeze(1))
 
     def log_score_at_index(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, row_of: torch.Tensor | None = None) -> torch.Tensor:
         """`log_score_at` for flat positions `index` (into tokens.reshape(-1), ascending): (N, V).
 
         `out` (N, V), float32 and contiguous, receives the result when given (a reused buffer
-        avoids fresh memory every step on a CPU); it is used when the model computes in float32."""
-        row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
+        avoids fresh memory every step on a CPU); it is used when the model computes in float32.
+        `row_of` (index // L, each position's row) may be passed by a caller that has it already."""
+        if row_of is None:
+            row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
         h, c = self.trunk_at(tokens, sigma, index, row_of)  # (N, H)
         linear = self.output_layer.linear
         with self._autocast(tokens.device):

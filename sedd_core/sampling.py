@@ -214,7 +214,7 @@ def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate
     row_of = torch.div(index, x.shape[1], rounding_mode="floor")
     vocab = graph.dim
     out = _workspace.get("scores", total, vocab, x.device) if x.device.type == "cpu" else None
-    log_score = model.log_score_at_index(x, sigma, index, out=out)
+    log_score = model.log_score_at_index(x, sigma, index, out=out, row_of=row_of)
 
     ds = sigma - noise.total((t - dt).clamp_min(0))
     coef = torch.where(kind == EULER, dt * dsigma_rate, torch.expm1(torch.where(kind == DENOISE, sigma, ds)))

@@ -190,3 +190,13 @@ def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
     if "--compile" in command:
         compiled = report["sections"]["bench"]["result"]["one_request_compiled"]
         assert compiled["mode"] == "freeze" and compiled["ours_s"]["min"] > 0
+
+
+def test_cpu_microbench_script_prints_its_measurements():
+    """scripts/microbench_cpu.py is where docs/benchmarks-sampling.md's part measurements come from."""
+    out = subprocess.run([sys.executable, "scripts/microbench_cpu.py", "dispatch", "rotary", "last-block",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    for words in ("log_score_at_index, hidden 32", "one complex product", "last block, 8 positions",
+                  "network, 8 masked positions"):
+        assert words in out.stdout, words

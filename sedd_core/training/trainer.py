@@ -109,29 +109,14 @@ class Trainer:
         self.noise = noise_from_config(self.sedd_config)
         state = self._saved_state(resume)
 
-        torch.manual_seed(t.seed)
-        model = SEDD(self.sedd_config)
-        authors_init(model)
-        self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
-            fused=self.device.type == "cuda" or None)
-        self.ema = ExponentialMovingAverage(self.model.parameters(), t.ema)
+        self._build_model()
         self.data_generator = torch.Generator().manual_seed(t.seed)
         self.noise_generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.step = 0
         self.elapsed_s = 0.0
         self.tokens_seen = 0
         self.last_eval: dict[str, Any] = {}
-
-        self.train_ids, self.valid_ids = load_corpus(config.data, self.tokenizer, self.length, self.log)
-        if self.device.type == "cuda":
-            self.train_ids = self.train_ids.to(self.device)
-        eval_generator = torch.Generator().manual_seed(t.seed + 2)
-        eval_bs = t.eval_batch_size or t.batch_size
-        self.eval_batches = [random_crops(self.valid_ids, eval_bs, self.length, eval_generator)
-                             for _ in range(t.eval_batches)]
-
+        self._load_data()
         if state is not None:
             self._load_state(state)
         self.pusher = None
@@ -146,6 +131,29 @@ class Trainer:
         self._pushed_step = -1
         self.last_saved_step = -1
         self._last_eval_step = self._snapshot_step = -1
+
+    def _build_model(self) -> None:
+        """The model with the authors' initialisation from training.seed, AdamW and the EMA."""
+        t = self.config.training
+        torch.manual_seed(t.seed)
+        model = SEDD(self.sedd_config)
+        authors_init(model)
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda" or None)
+        self.ema = ExponentialMovingAverage(self.model.parameters(), t.ema)
+
+    def _load_data(self) -> None:
+        """The encoded corpus, and the fixed held-out crops every evaluation reads."""
+        t = self.config.training
+        self.train_ids, self.valid_ids = load_corpus(self.config.data, self.tokenizer, self.length, self.log)
+        if self.device.type == "cuda":
+            self.train_ids = self.train_ids.to(self.device)
+        eval_generator = torch.Generator().manual_seed(t.seed + 2)
+        eval_bs = t.eval_batch_size or t.batch_size
+        self.eval_batches = [random_crops(self.valid_ids, eval_bs, self.length, eval_generator)
+                             for _ in range(t.eval_batches)]
 
     # ---- state -----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -28,8 +28,10 @@ from ..hub import OXEN_HOST
 from ..tokenizers import DEFAULT_CHARS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-TOKENIZERS = ("char", "gpt2")
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+TokenizerName = Literal["char", "gpt2"]
+ExportDtype = Literal["float32", "float16", "bfloat16"]
+TOKENIZERS = get_args(TokenizerName)
+EXPORT_DTYPES = get_args(ExportDtype)
 CHAR_TOKENS = len(DEFAULT_CHARS) + 2  # 98: [PAD], [UNK] and Oxen's 96 characters
 GPT2_TOKENS = 50257
 
@@ -134,7 +136,7 @@ class TrainingSection(Section):
     snapshot_samples: Every = 4    # unconditional samples per snapshot (plus one infill)
     snapshot_steps: Count = 64     # denoising steps per snapshot sample
     checkpoint_every: Every = 500
-    export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # of RUN_DIR/checkpoint.pth
+    export_dtype: ExportDtype = "float32"  # dtype of the exported EMA weights in RUN_DIR/checkpoint.pth
     seed: Int = 0
 
 
@@ -160,7 +162,7 @@ class PushSection(Section):
 
 class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
-    tokenizer: Literal["char", "gpt2"] = "char"  # char: Oxen's 98-token vocabulary; gpt2: GPT-2 BPE (50257)
+    tokenizer: TokenizerName = "char"  # char: Oxen's 98-token character vocabulary; gpt2: GPT-2 BPE (50257)
     tokens: Annotated[Int | None, BeforeValidator(_yaml_none)] = None  # derived from the tokenizer when left out
     graph: GraphSection = Field(default_factory=GraphSection)
     noise: NoiseSection = Field(default_factory=NoiseSection)

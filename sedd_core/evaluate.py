@@ -26,23 +26,16 @@ def evenly_spaced_windows(ids: torch.Tensor, length: int, count: int) -> torch.T
     return ids[starts[:, None] + torch.arange(length)]
 
 
+@torch.inference_mode()
 def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: int = 32,
                   repeats: int = 1, seed: int = 0) -> dict[str, float]:
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
-    x0 = evenly_spaced_windows(ids, lm.length, windows)
-    return elbo_bits(lm, x0, batch_size=batch_size, repeats=repeats, seed=seed)
-
-
-@torch.inference_mode()
-def elbo_bits(lm: LoadedModel, x0: torch.Tensor, *, batch_size: int = 32, repeats: int = 1, seed: int = 0,
-              progress: bool = True) -> dict[str, float]:
-    """The ELBO bound of the token windows `x0` (n, lm.length) in bits per token: mean and standard
-    error over `repeats` noise draws of each window, in batches of `batch_size`, noise from `seed`."""
+    x0_all = evenly_spaced_windows(ids, lm.length, windows)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     per_sequence = []
-    batches = [x0[i:i + batch_size] for i in range(0, len(x0), batch_size)] * repeats
-    for batch in tqdm(batches, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
-        loss = score_entropy_loss(lm.model, lm.graph, lm.noise, batch.to(lm.device), generator=generator)
+    batches = [x0_all[i:i + batch_size] for i in range(0, windows, batch_size)] * repeats
+    for x0 in tqdm(batches, desc="eval", unit="batch", file=sys.stderr):
+        loss = score_entropy_loss(lm.model, lm.graph, lm.noise, x0.to(lm.device), generator=generator)
         per_sequence += (loss.float() / lm.length / math.log(2)).tolist()
     values = torch.tensor(per_sequence, dtype=torch.float64)
     return {"bits_per_token": values.mean().item(),

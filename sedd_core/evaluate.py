@@ -27,6 +27,29 @@ def evenly_spaced_windows(ids: torch.Tensor, length: int, count: int) -> torch.T
 
 
 @torch.inference_mode()
+def elbo_draws(model, graph, noise, ids: torch.Tensor, samples: int, seed: int = 0, batch_size: int = 64,
+               progress=None) -> torch.Tensor:
+    """(W, samples) draws of the bound, in nats, for the windows `ids` (W, L) of the model's length;
+    the model runs in eval mode and is put back in its mode afterwards. (The interface of the shared
+    estimator the "scoring" branch brings; this stand-in keeps the trainer's use working until then.)"""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    draws = []
+    training = model.training
+    model.eval()
+    try:
+        for _ in range(samples):
+            for start in range(0, len(ids), batch_size):
+                x0 = ids[start:start + batch_size].to(device)
+                draws.append(score_entropy_loss(model, graph, noise, x0, generator=generator).double().cpu())
+                if progress is not None:
+                    progress(len(x0))
+    finally:
+        model.train(training)
+    return torch.cat(draws).reshape(samples, len(ids)).T
+
+
+@torch.inference_mode()
 def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: int = 32,
                   repeats: int = 1, seed: int = 0) -> dict[str, float]:
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)

@@ -6,7 +6,7 @@ dsigma/dt(t) * score entropy, averaged over the batch. AdamW with linear warm-up
 gradient clipping and an EMA of the weights; bfloat16 autocast on CUDA (the weights
 stay float32), float32 on a CPU. Training crops are random windows of `length`
 tokens of the encoded corpus (`corpus.py`); held-out evaluation is `sedd eval`'s
-estimator (`sedd_core.evaluate.elbo_bits`) on fixed crops with fixed noise.
+estimator (`sedd_core.evaluate.elbo_draws`) on fixed crops with fixed noise.
 
 The run folder (`RUN_DIR`, laid out in `checkpoint.py`) is at once a model
 `sedd_core.load` reads and a resumable run; sample snapshots from the EMA weights go to
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SEDDConfig
-from ..evaluate import elbo_bits
+from ..evaluate import elbo_draws
 from ..files import atomic_write_text
 from ..generation import GenerationError, generate
 from ..graph import graph_from_config
@@ -279,19 +279,18 @@ class Trainer:
         return t.batch_size * t.accum * self.length
 
     def evaluate(self) -> dict[str, float]:
-        """`sedd eval`'s ELBO bound of the EMA weights on the same held-out crops with the same
-        noise every time: valid_loss in nats per token, valid_bpc in bits per character (per
+        """The held-out ELBO bound of the EMA weights by `sedd eval`'s estimator, on the same crops with
+        the same noise every time: valid_loss in nats per token, valid_bpc in bits per character (per
         token for GPT-2 models)."""
         t = self.config.training
-        self.model.eval()
         with self.ema.average_parameters(self.model), self.autocast():
-            result = elbo_bits(self.loaded_model(), torch.cat(self.eval_batches),
-                               batch_size=t.eval_batch_size or t.batch_size, seed=t.seed + 3, progress=False)
-        bits = result["bits_per_token"]
-        return {"valid_loss": bits * LN2, "valid_bpc": bits}
+            draws = elbo_draws(self.model, self.graph, self.noise, torch.cat(self.eval_batches), samples=1,
+                               seed=t.seed + 3, batch_size=t.eval_batch_size or t.batch_size)
+        valid_loss = draws.mean().item() / self.length
+        return {"valid_loss": valid_loss, "valid_bpc": valid_loss / LN2}
 
     def loaded_model(self) -> LoadedModel:
-        """The model in training as a LoadedModel, for the sampler and the evaluator."""
+        """The model in training as a LoadedModel, for the sampler."""
         return LoadedModel(model=self.model, graph=self.graph, noise=self.noise, tokenizer=self.tokenizer,
                            config=self.sedd_config, device=self.device, dtype=torch.float32, path=self.run_dir,
                            source=str(self.run_dir), layout="run")

@@ -144,9 +144,15 @@ def set_cuda_graphs(lm, enabled: bool) -> None:
 _flash_usable = model_module.flash_attn_usable
 
 
-def set_flash(enabled: bool) -> None:
-    """flash-attn on (where installed and usable) or off (PyTorch SDPA), for every model of this process."""
-    model_module.flash_attn_usable = _flash_usable if enabled else (lambda device, dtype: False)
+def set_flash(enabled: bool) -> list[str]:
+    """flash-attn on (where installed and usable) or off (PyTorch SDPA), for every model of this process:
+    every sedd_core module that holds `flash_attn_usable` gets the switch. Returns those modules."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("sedd_core") and getattr(module, "flash_attn_usable", None) is not None:
+            module.flash_attn_usable = _flash_usable if enabled else (lambda device, dtype: False)
+            patched.append(name)
+    return patched
 
 
 @contextlib.contextmanager
@@ -180,6 +186,7 @@ class Runner:
         self.count = measure.FlopCount.of(lm.config)
         self.points: list[dict[str, Any]] = []
         self.compile_s: dict[str, float] = {}
+        self.skipped: list[str] = []
 
     def warm(self, rows: int, fused: bool, label: str) -> float:
         """Two steps at this shape: compiles (the trunk's bucket, the fused step) happen here, timed."""
@@ -187,8 +194,11 @@ class Runner:
         self.compile_s[f"{label}/{rows}"] = round(seconds, 2)
         return seconds
 
-    def point(self, config: str, rows: int, fused: bool, seed: int = 0) -> dict[str, Any] | None:
-        if self.sections.spent():
+    def point(self, config: str, rows: int, fused: bool, seed: int = 0,
+              min_left_s: float = 0) -> dict[str, Any] | None:
+        """One whole run after a 2-step warm-up; None (left out) when less than min_left_s of the budget is left."""
+        if self.sections.elapsed() > self.sections.budget_s - min_left_s:
+            self.skipped.append(f"{config}/{rows}")
             return None
         lm = self.lm
         self.warm(rows, fused, config)
@@ -207,8 +217,9 @@ class Runner:
               f"peak mem {(mem.peak_bytes or 0) / 2**30:.2f} GiB", flush=True)
         return entry
 
-    def sweep(self, config: str, rows_list: list[int], fused: bool) -> list[dict[str, Any]]:
-        return [e for e in (self.point(config, rows, fused) for rows in rows_list) if e is not None]
+    def sweep(self, config: str, rows_list: list[int], fused: bool, min_left_s: float = 0) -> list[dict[str, Any]]:
+        return [e for e in (self.point(config, rows, fused, min_left_s=min_left_s) for rows in rows_list)
+                if e is not None]
 
 
 def naive_section(lm, steps: int, naive_steps: int | None) -> dict[str, Any]:
@@ -531,19 +542,22 @@ def _main(args, argv, backend: str) -> int:
     def runs() -> dict[str, Any]:
         runner.sweep("eager", rows_list, fused=False)
         runner.sweep("fused", ends, fused=True)
+        out: dict[str, Any] = {"flash_attn_usable": flash_installed}
         if flash_installed:
-            set_flash(False)
+            out["flash_switch_modules"] = set_flash(False)
             try:
                 runner.sweep("no-flash", ends, fused=False)
             finally:
                 set_flash(True)
-        return {"points": list(runner.points), "flash_attn_usable": flash_installed}
+        return {**out, "points": list(runner.points)}
 
     def graph_runs() -> dict[str, Any]:
         set_cuda_graphs(lm, True)  # stays on for identity_best
-        runner.sweep("graphs+fused", rows_list, fused=True)
-        runner.sweep("graphs", ends, fused=False)
-        return {"points": [e for e in runner.points if e["config"].startswith("graphs")]}
+        reserve = 0 if smoke else 90  # a bucket's compile: do not start one that cannot finish in the budget
+        runner.sweep("graphs+fused", ends + [r for r in rows_list if r not in ends], fused=True, min_left_s=reserve)
+        runner.sweep("graphs", ends, fused=False, min_left_s=reserve / 3)
+        return {"points": [e for e in runner.points if e["config"].startswith("graphs")],
+                "left_out_for_the_budget": list(runner.skipped)}
 
     sections.run("runs", runs)
     naive_result = sections.run("naive", lambda: naive_section(lm, steps, args.naive_steps))
@@ -554,8 +568,12 @@ def _main(args, argv, backend: str) -> int:
     else:
         sections.run("graph_runs", graph_runs)
         sections.run("identity_best", lambda: identity_section(lm, steps, rows_list[-1], fused=True))
-        set_cuda_graphs(lm, False)
+        try:
+            set_cuda_graphs(lm, False)
+        except Exception as exc:  # the switch itself failed: graph_runs has recorded why
+            sections.report["graphs_off_error"] = f"{exc.__class__.__name__}: {exc}"
     sections.report["compile_s"] = runner.compile_s
+    sections.report["points_left_out_for_the_budget"] = runner.skipped
     sections.report["points"] = runner.points
     peak.sample(3)
     sections.report["matmul_peak"] = peak.report()

@@ -270,28 +270,40 @@ def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rat
     return x, len(index)
 
 
-def step_log_probs(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor) -> torch.Tensor:
-    """`_log_probs_in_place` without writing anything: float32 log probs (N, V) of a new tensor.
-    Written for torch.compile to fuse into one pass with the draw (`gumbel_max_choice`)."""
+def _fused_parts(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor):
+    """(log scores of the real tokens, log coef, log p_mask), float32. S' is the plain sum of exp(log score),
+    as the authors take it (their sampler exponentiates the network's output), so that one loop over a
+    row gives S' and the noisy maximum together."""
     real = log_score[:, :-1].float()
-    peak = real.amax(dim=-1, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    others = ((real - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)).exp()  # S'
-    p_mask = 1 - coef * others
+    p_mask = 1 - coef * real.exp().sum(dim=-1)
     log_p_mask = torch.where(mask_allowed & (p_mask > 0), torch.log(p_mask.clamp_min(1e-38)), -torch.inf)
-    return torch.cat([real + torch.log(coef)[:, None], log_p_mask[:, None]], dim=1)
+    return real, torch.log(coef), log_p_mask
+
+
+def step_log_probs(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor) -> torch.Tensor:
+    """The fused path's log probs (N, V) as a new tensor: what `gumbel_max_choice` draws from, and
+    `_log_probs_in_place`'s maths up to float32 rounding."""
+    real, log_coef, log_p_mask = _fused_parts(log_score, coef, mask_allowed)
+    return torch.cat([real + log_coef[:, None], log_p_mask[:, None]], dim=1)
 
 
 def gumbel_max_choice(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor,
                       draws: torch.Tensor, uniform: bool) -> torch.Tensor:
     """The step's token choice at each masked position (N,): argmax(log p - log noise), the Gumbel-max
-    draw from `step_log_probs`. `draws` (N, V) are `_gumbel_draws`: uniforms (`uniform`, turned into
-    exponentials by the authors' -log(u)) or exponentials. Compiled: `compiled_gumbel_max_choice`."""
+    draw from `step_log_probs`, without materialising the log probs. `draws` (N, V) are `_gumbel_draws`:
+    uniforms (`uniform`, turned into exponentials by the authors' -log(u)) or exponentials.
+
+    log coef is the same for a row's real tokens, so their best is argmax(log s - log noise); the mask
+    column wins only where its own noisy value is higher. Every reduction reads the row once, in one
+    loop when compiled (`compiled_gumbel_max_choice`)."""
     if uniform:
         noise_log = torch.log(torch.log(draws + 1e-10).neg() + 1e-10)
     else:
         noise_log = torch.log(draws)
-    return torch.argmax(step_log_probs(log_score, coef, mask_allowed) - noise_log, dim=-1)
+    real, log_coef, log_p_mask = _fused_parts(log_score, coef, mask_allowed)
+    best_value, best = (real - noise_log[:, :-1]).max(dim=-1)
+    stay = log_p_mask - noise_log[:, -1] > best_value + log_coef  # ties go to the lower index, as argmax
+    return torch.where(stay, real.shape[1], best)
 
 
 _compiled_choice = None

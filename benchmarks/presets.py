@@ -64,8 +64,6 @@ def preset_config(name: str, length: int | None = None) -> SEDDConfig:
 def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
                     length: int | None = None) -> LoadedModel:
     """A model of a preset's shape with random weights (PyTorch's default init), made on `device`."""
-
-
     config = preset_config(name, length)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -178,7 +178,8 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager():
 def test_gpu_check_smoke_runs_every_section_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.py --smoke: the GPU check's code paths on a tiny preset (no timing asserted)."""
     out_file = tmp_path / "gpu-check.json"
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out_file)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--budget-s", "900",
+                          "--out", str(out_file)],
                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out_file.read_text())

@@ -15,19 +15,19 @@ order of priority; once --budget-s is spent the rest are skipped and say so:
   reference    the authors' reference vectors on this device (float32 at 1e-3, bf16 sanity), if found
   sdpa         which SDPA kernel bf16 attention of the model's shape gets, each backend timed alone
   runs         whole runs (--steps, analytic, final denoise) of one request of R rows, on a model of
-               the preset's shape with random weights. Configurations ("variants"):
-                 eager      the library's defaults: eager network, unfused in-place step maths
-                 fused      + the step maths as one compiled pass (sampling.gumbel_max_choice)
-                 graphs     + the network's trunk compiled with mode reduce-overhead (CUDA graphs) at
-                            fixed row buckets; compile time reported apart
-                 graphs+fused   both
-                 no-flash   eager with flash-attn switched off (SDPA), only where flash-attn is installed
+               the preset's shape with random weights, in these configurations ("variants"):
+                 eager         the library's defaults: eager network, unfused in-place step maths
+                 fused         the step maths as one compiled pass (sampling.gumbel_max_choice)
+                 no-flash      eager with flash-attn switched off (SDPA), only where it is installed
                Each point: samples/s, seconds per sample, network TFLOP/s counted as `sedd bench` counts
                them (benchmarks.measure.FlopCount.sampling_loop) and their fraction of the matmul peak,
-               peak memory above the weights
+               peak memory above the weights; the 2-step warm-up before it (compiles included) apart
   naive        the authors' loop (benchmarks.naive) on the same weights at 1 row
   identity     a seeded request's tokens alone and inside a full batch (other rows beside it)
   a10          peak memory of a 16-row run with the allocator capped at an A10's 23028 MiB
+  graph_runs   graphs+fused and graphs: the network's trunk compiled with mode reduce-overhead (CUDA
+               graphs) at fixed row buckets; a bucket's compile is not started with under 90 s left
+  identity_best  the identity check with CUDA graphs and the fused step on
   paid         which speed-up paid: samples/s ratios of the variants at the smallest and largest rows
 """
 from __future__ import annotations

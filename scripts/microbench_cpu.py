@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_core import bench  # noqa: E402
-from sedd_core.loading import load  # noqa: E402
+from benchmarks import measure, naive, presets, sedd_bench  # noqa: E402
+from sedd_core.loading import LoadedModel, load  # noqa: E402
 from sedd_core.model import SEDD, linear_gelu, rotary_qk, rotary_qk_interleaved  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -58,8 +58,8 @@ def show(times: dict[str, list[float]], unit: float = 1e3, label: str = "ms") ->
         print(f"  {name:<28} best {min(ts) * unit:9.3f} {label}   median {statistics.median(ts) * unit:9.3f} {label}")
 
 
-def char_default() -> bench.LoadedModel:
-    return bench.synthetic_model("char-default", CPU, torch.float32)
+def char_default() -> LoadedModel:
+    return presets.synthetic_model("char-default", CPU, torch.float32)
 
 
 def noise(args) -> None:
@@ -87,7 +87,7 @@ def matmul_shapes(args) -> None:
 
 
 def dispatch(args) -> None:
-    config = bench.preset_config("char-default")
+    config = presets.preset_config("char-default")
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_size=32, cond_dim=16,
                                                                   n_heads=1, length=8))
     model = SEDD(small).eval()
@@ -192,7 +192,7 @@ def _seconds(fn: Callable[[torch.Tensor], object], arg: torch.Tensor) -> float:
 def masked_fraction(args) -> None:
     for name, lm in (("char-default, random weights", char_default()),
                      (f"{args.model}, trained", load(args.model, device=CPU, dtype=torch.float32))):
-        _, positions, passes = bench.run_ours(lm, 1, 128, lm.length, seed=3)
+        _, positions, passes = sedd_bench.run_ours(lm, 1, 128, lm.length, seed=3)
         print(f"  {name:<30} {positions / passes / lm.length:.1%} of positions masked per pass on average")
 
 
@@ -214,15 +214,15 @@ def request_ab(args) -> None:
     eager = load(args.model, device=CPU, dtype=torch.float32)
     compiled = load(args.model, device=CPU, dtype=torch.float32)
     compiled.model.use_compiled_trunk(True)
-    bench.run_ours(compiled, 1, 2, compiled.length)
+    sedd_bench.run_ours(compiled, 1, 2, compiled.length)
 
-    def naive():
-        bench.naive_generate(eager.model, eager.graph, eager.noise, 1, eager.length, 128,
-                             torch.Generator().manual_seed(0), bench.authors_forward)
+    def naive_loop():
+        naive.naive_generate(eager.model, eager.graph, eager.noise, 1, eager.length, 128,
+                             torch.Generator().manual_seed(0), naive.authors_forward)
 
-    times = interleaved({"eager": lambda: bench.run_ours(eager, 1, 128, eager.length),
-                         "compiled": lambda: bench.run_ours(compiled, 1, 128, compiled.length),
-                         "naive": naive}, args.repeats, warmup=1)
+    times = interleaved({"eager": lambda: sedd_bench.run_ours(eager, 1, 128, eager.length),
+                         "compiled": lambda: sedd_bench.run_ours(compiled, 1, 128, compiled.length),
+                         "naive": naive_loop}, args.repeats, warmup=1)
     show(times, 1, "s")
     for name in ("eager", "compiled"):
         paired = statistics.median(n / o for n, o in zip(times["naive"], times[name]))
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {bench.device_name(CPU)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {measure.device_name(CPU)}")
     for name in SECTIONS if "all" in args.sections else args.sections:
         print(f"\n{name}")
         SECTIONS[name](args)

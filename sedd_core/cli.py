@@ -128,13 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish streams on shutdown")
     p.set_defaults(func=cmd_serve)
 
-    for module in ("training.cli", "data", "bench", "evaluate"):
+    for module in ("training.cli", "data", "evaluate"):
         try:
             mod = __import__(f"sedd_core.{module}", fromlist=["add_cli"])
         except ModuleNotFoundError:
             continue
         mod.add_cli(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    """`sedd bench` lives in the `benchmarks` package beside the library (installed with it); it is
+    imported only here, when the command line is built, so that the library never depends on it."""
+    try:
+        from benchmarks.sedd_bench import add_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks":
+            raise
+        return
+    add_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

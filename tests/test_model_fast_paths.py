@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sedd_core.bench import synthetic_model
+from benchmarks.presets import synthetic_model
 from sedd_core.model import pair_interleaving_order, rotary_qk, rotary_qk_interleaved
 
 

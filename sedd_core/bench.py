@@ -45,6 +45,7 @@ from einops import rearrange
 from .config import SEDDConfig
 from .graph import Graph, graph_from_config
 from .loading import LoadedModel, load, resolve_device, resolve_dtype
+from .fast_model import FastSEDD
 from .model import SEDD
 from .noise import Noise, noise_from_config
 from .sampling import SAMPLING_EPS, denoising_step
@@ -213,10 +214,6 @@ def naive_generate(model: SEDD, graph: Graph, noise: Noise, rows: int, length: i
     return x
 
 
-def naive_over_our_network(model: SEDD, indices: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return model(indices, sigma)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Our path
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +228,7 @@ def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0)
     job = make_job(lm, num_samples=rows, steps=steps, length=length, predictor="analytic", seed=seed)
     positions = passes = 0
     while not job.done:  # generation.iterate, keeping the count of output-layer positions
-        work = denoising_step(lm.model, lm.graph, lm.noise, [job])
+        work = denoising_step(lm.runner, lm.graph, lm.noise, [job])
         positions += work
         passes += work > 0
     return job.x, positions, passes
@@ -409,7 +406,7 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
     device = lm.device
     naive_run_steps = steps if naive_steps is None else min(naive_steps, steps)
     scale = 1.0 if naive_run_steps >= steps else (steps + 1) / max(naive_run_steps, 1)
-    networks = {"authors": authors_forward, "loop": naive_over_our_network}
+    networks = {"authors": authors_forward, "loop": lambda model, x, sigma: lm.runner(x, sigma)}  # loop: our network
 
     def naive(network):
         gen = torch.Generator(device=device).manual_seed(0)
@@ -484,25 +481,24 @@ def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, r
 def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats: int,
                   peak: MatmulPeak | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One pass of the network with every position masked (the first step: output at every position)."""
-    device, model = lm.device, lm.model
+    device, model = lm.device, lm.runner
     count = FlopCount.of(lm.config)
     results = []
     for tokens in tokens_list:
         rows = max(1, round(tokens / length))
         x = torch.full((rows, length), lm.mask_id if lm.mask_id is not None else 0, device=device)
         sigma = torch.full((rows,), 2.0, device=device)
-        positions = torch.ones_like(x, dtype=torch.bool)
         # as the sampler runs it: on a CPU in float32 the output goes to a buffer reused every step
         reuse = (lm.graph.absorb and device.type == "cpu" and lm.dtype == torch.float32
                  and hasattr(model, "log_score_at_index"))
         out = torch.empty(rows * length, lm.config.vocab_size, device=device) if reuse else None
         index = torch.arange(rows * length, device=device)
 
-        def run(x=x, sigma=sigma, positions=positions, index=index, out=out):
+        def run(x=x, sigma=sigma, index=index, out=out):
             with torch.inference_mode():
                 if out is not None:
                     return model.log_score_at_index(x, sigma, index, out=out)
-                return model.log_score_at(x, sigma, positions) if lm.graph.absorb else model(x, sigma)
+                return model.log_score_at_index(x, sigma, index) if lm.graph.absorb else model(x, sigma)
 
         timed(run, device)  # warm up
         times = []
@@ -538,7 +534,7 @@ def _run_bench(args) -> dict[str, Any]:
         lm = synthetic_model(args.preset, device, dtype, seed=args.seed, length=None)
         name = args.preset
     if args.compile:
-        lm.model.use_compiled_trunk(True)
+        lm.runner = FastSEDD(lm.model, compile="freeze")
     length = args.length or lm.length
     if not 1 <= length <= lm.length:
         raise SystemExit(f"sedd bench: --length must be between 1 and {lm.length}")

@@ -86,11 +86,11 @@ class Sections:
 # ---- sections --------------------------------------------------------------------------------------
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from sedd_core import model as model_module
+    from sedd_core import fast_model
 
     info: dict[str, Any] = {"torch": torch.__version__, "device": str(device),
                             "device_name": bench.device_name(device),
-                            "flash_attn_installed": model_module.FLASH_ATTN_AVAILABLE}
+                            "flash_attn_installed": fast_model.FLASH_ATTN_AVAILABLE}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}",
@@ -242,10 +242,12 @@ def bench_section(device: torch.device, dtype: torch.dtype, preset: str, steps: 
     out["rows"] = bench.bench_rows(lm, rows_list, steps, length, 1, peak, log)
     out["network"] = bench.bench_network(lm, tokens_list, length, repeats, peak, log)
     if compile_mode:  # the same request through torch.compile ("reduce-overhead": CUDA graphs)
-        lm.model.use_compiled_trunk(True, None if compile_mode == "freeze" else compile_mode)
+        from sedd_core.fast_model import FastSEDD
+
+        eager_runner, lm.runner = lm.runner, FastSEDD(lm.model, compile=compile_mode)
         out["one_request_compiled"] = {"mode": compile_mode, **bench.bench_one_request(
             lm, steps, length, repeats, naive_steps, ("authors",), log)}
-        lm.model.use_compiled_trunk(False)
+        lm.runner = eager_runner
     peak.sample(3)
     out["matmul_peak"] = peak.report()
     for entry in out["rows"]:

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .config import SEDDConfig
+from .fast_model import FastSEDD
 from .graph import Graph, graph_from_config
 from .loading import LoadedModel, load, resolve_device, resolve_dtype
-from .fast_model import FastSEDD
 from .model import SEDD
 from .noise import Noise, noise_from_config
 from .sampling import SAMPLING_EPS, denoising_step

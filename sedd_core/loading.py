@@ -21,8 +21,8 @@ import yaml
 
 from . import hub
 from .config import ConfigError, SEDDConfig
-from .graph import Graph, graph_from_config
 from .fast_model import COMPILE_MODES, FastSEDD
+from .graph import Graph, graph_from_config
 from .model import SEDD
 from .noise import Noise, noise_from_config
 from .tokenizers import Tokenizer, resolve_tokenizer

@@ -669,7 +669,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="naive baselines: authors (their network code) and/or loop (the naive loop over ours)")
     p.add_argument("--sections", default="request,rows,flops", help="which of request,rows,flops to run")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak (default 2048)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see model.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see fast_model.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

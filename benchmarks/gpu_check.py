@@ -52,7 +52,8 @@ if __package__ in (None, ""):  # run as a file: the checkout's packages, install
 
 from benchmarks import measure, naive, presets  # noqa: E402
 from benchmarks.sedd_bench import run_ours  # noqa: E402
-from sedd_core import model as model_module  # noqa: E402
+from sedd_core import fast_model  # noqa: E402
+from sedd_core.fast_model import FastSEDD  # noqa: E402
 from sedd_core.generation import make_job  # noqa: E402
 from sedd_core.sampling import denoising_step  # noqa: E402
 
@@ -123,12 +124,12 @@ def environment(device: torch.device) -> dict[str, Any]:
                             "torch": torch.__version__, "cuda": torch.version.cuda,
                             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                             "triton": _version("triton"), "flash_attn": _version("flash-attn") or _version("flash_attn"),
-                            "flash_attn_importable": model_module.FLASH_ATTN_AVAILABLE}
+                            "flash_attn_importable": fast_model.FLASH_ATTN_AVAILABLE}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(driver=_driver_version(), capability=f"{props.major}.{props.minor}",
                     memory_mib=props.total_memory // 2**20, sm_count=props.multi_processor_count,
-                    flash_attn_usable=model_module.flash_attn_usable(device, torch.bfloat16))
+                    flash_attn_usable=fast_model.flash_attn_usable(device, torch.bfloat16))
     else:
         info["threads"] = torch.get_num_threads()
     return info
@@ -138,10 +139,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def set_cuda_graphs(lm, enabled: bool) -> None:
     """The network's trunk through torch.compile mode reduce-overhead (CUDA graphs per row bucket), or eager."""
-    lm.model.use_compiled_trunk(enabled, "reduce-overhead" if enabled else None)
+    lm.runner = FastSEDD(lm.model, compile="reduce-overhead" if enabled else None)
 
 
-_flash_usable = model_module.flash_attn_usable
+_flash_usable = fast_model.flash_attn_usable
 
 
 def set_flash(enabled: bool) -> list[str]:
@@ -244,12 +245,12 @@ def identity_section(lm, steps: int, batch_rows: int, fused: bool) -> dict[str, 
         job = make_job(lm, num_samples=1, steps=steps, seed=1234)
         jobs = [job] + ([make_job(lm, num_samples=batch_rows - 1, steps=steps, seed=99)] if with_others else [])
         while not job.done:
-            denoising_step(lm.model, lm.graph, lm.noise, jobs, fused=fused)
+            denoising_step(lm.runner, lm.graph, lm.noise, jobs, fused=fused)
         return job.x
 
     alone, batched = sample(False), sample(True)
     equal = (alone == batched).float().mean().item()
-    return {"fused": fused, "cuda_graphs": getattr(lm.model, "_compiled_trunk", None) is not None,
+    return {"fused": fused, "cuda_graphs": lm.runner.compiled,
             "batch_rows": batch_rows, "tokens_identical": bool(torch.equal(alone, batched)),
             "fraction_of_tokens_equal": equal}
 
@@ -527,7 +528,7 @@ def _main(args, argv, backend: str) -> int:
                            flop_counting="benchmarks.measure.FlopCount.sampling_loop, as `sedd bench` counts",
                            memory_method=measure.memory_method(device))
     torch.set_grad_enabled(False)
-    flash_installed = model_module.flash_attn_usable(device, dtype)
+    flash_installed = fast_model.flash_attn_usable(device, dtype)
 
     sections.run("environment", lambda: environment(device))
     peak = measure.MatmulPeak(device, dtype, 256 if smoke else 8192)

@@ -106,6 +106,3 @@ def naive_generate(model: SEDD, graph: Graph, noise: Noise, rows: int, length: i
     return x
 
 
-def naive_over_our_network(model: SEDD, indices: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return model(indices, sigma)
-

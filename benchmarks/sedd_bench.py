@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
+from sedd_core.fast_model import FastSEDD
 from sedd_core.generation import make_job
 from sedd_core.loading import LoadedModel, load, resolve_device, resolve_dtype
 from sedd_core.sampling import denoising_step
 
 from .measure import FlopCount, MatmulPeak, PeakMemory, device_name, memory_method, stats, timed
-from .naive import authors_forward, naive_generate, naive_over_our_network
+from .naive import authors_forward, naive_generate
 from .presets import PRESETS, synthetic_model
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0,
     job = make_job(lm, num_samples=rows, steps=steps, length=length, predictor="analytic", seed=seed)
     positions = passes = 0
     while not job.done:  # generation.iterate, keeping the count of output-layer positions
-        work = denoising_step(lm.model, lm.graph, lm.noise, [job], fused=fused)
+        work = denoising_step(lm.runner, lm.graph, lm.noise, [job], fused=fused)
         positions += work
         passes += work > 0
     return job.x, positions, passes
@@ -68,7 +69,7 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
     device = lm.device
     naive_run_steps = steps if naive_steps is None else min(naive_steps, steps)
     scale = 1.0 if naive_run_steps >= steps else (steps + 1) / max(naive_run_steps, 1)
-    networks = {"authors": authors_forward, "loop": naive_over_our_network}
+    networks = {"authors": authors_forward, "loop": lambda model, x, sigma: lm.runner(x, sigma)}  # loop: our network
 
     def naive(network):
         gen = torch.Generator(device=device).manual_seed(0)
@@ -143,25 +144,24 @@ def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, r
 def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats: int,
                   peak: MatmulPeak | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One pass of the network with every position masked (the first step: output at every position)."""
-    device, model = lm.device, lm.model
+    device, model = lm.device, lm.runner
     count = FlopCount.of(lm.config)
     results = []
     for tokens in tokens_list:
         rows = max(1, round(tokens / length))
         x = torch.full((rows, length), lm.mask_id if lm.mask_id is not None else 0, device=device)
         sigma = torch.full((rows,), 2.0, device=device)
-        positions = torch.ones_like(x, dtype=torch.bool)
         # as the sampler runs it: on a CPU in float32 the output goes to a buffer reused every step
         reuse = (lm.graph.absorb and device.type == "cpu" and lm.dtype == torch.float32
                  and hasattr(model, "log_score_at_index"))
         out = torch.empty(rows * length, lm.config.vocab_size, device=device) if reuse else None
         index = torch.arange(rows * length, device=device)
 
-        def run(x=x, sigma=sigma, positions=positions, index=index, out=out):
+        def run(x=x, sigma=sigma, index=index, out=out):
             with torch.inference_mode():
                 if out is not None:
                     return model.log_score_at_index(x, sigma, index, out=out)
-                return model.log_score_at(x, sigma, positions) if lm.graph.absorb else model(x, sigma)
+                return model.log_score_at_index(x, sigma, index) if lm.graph.absorb else model(x, sigma)
 
         timed(run, device)  # warm up
         times = []
@@ -197,7 +197,7 @@ def _run_bench(args) -> dict[str, Any]:
         lm = synthetic_model(args.preset, device, dtype, seed=args.seed, length=None)
         name = args.preset
     if args.compile:
-        lm.model.use_compiled_trunk(True)
+        lm.runner = FastSEDD(lm.model, compile="freeze")
     length = args.length or lm.length
     if not 1 <= length <= lm.length:
         raise SystemExit(f"sedd bench: --length must be between 1 and {lm.length}")
@@ -332,7 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="naive baselines: authors (their network code) and/or loop (the naive loop over ours)")
     p.add_argument("--sections", default="request,rows,flops", help="which of request,rows,flops to run")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak (default 2048)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see model.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see fast_model.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import measure, naive, presets, sedd_bench  # noqa: E402
+from sedd_core.fast_model import FastSEDD, linear_gelu, rotary_qk, rotary_qk_interleaved  # noqa: E402
 from sedd_core.loading import LoadedModel, load  # noqa: E402
-from sedd_core.model import SEDD, linear_gelu, rotary_qk, rotary_qk_interleaved  # noqa: E402
+from sedd_core.model import SEDD  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -90,7 +91,7 @@ def dispatch(args) -> None:
     config = presets.preset_config("char-default")
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_size=32, cond_dim=16,
                                                                   n_heads=1, length=8))
-    model = SEDD(small).eval()
+    model = FastSEDD(SEDD(small).eval())
     x, sigma, index = torch.randint(0, 98, (1, 8)), torch.tensor([0.7]), torch.arange(4)
     with torch.inference_mode():
         show(interleaved({"log_score_at_index, hidden 32": lambda: model.log_score_at_index(x, sigma, index)},
@@ -114,10 +115,10 @@ def profile(args) -> None:
     out = torch.empty(index.numel(), lm.config.vocab_size)
     with torch.inference_mode():
         for _ in range(2):
-            lm.model.log_score_at_index(x, sigma, index, out=out)
+            lm.runner.log_score_at_index(x, sigma, index, out=out)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                lm.model.log_score_at_index(x, sigma, index, out=out)
+                lm.runner.log_score_at_index(x, sigma, index, out=out)
     groups = {"matmuls": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
               "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
     events = prof.key_averages()
@@ -132,13 +133,13 @@ def profile(args) -> None:
 
 def last_block(args) -> None:
     lm = char_default()
-    model, block = lm.model, lm.model.blocks[-1]
+    model, block = lm.runner, lm.runner.blocks[-1]
     x, index = _masked_input(lm, 1, 8)
     sigma = torch.tensor([0.7])
     with torch.inference_mode():
         hidden = torch.randn(1, lm.length, lm.config.model.hidden_size)
-        c = F.silu(model.sigma_map(sigma))
-        rotary = (*model.rotary_emb(lm.length, CPU), model.rotary_emb.polar(lm.length, CPU))
+        c = F.silu(lm.model.sigma_map(sigma))
+        rotary = (*lm.model.rotary_emb(lm.length, CPU), model._polar_table(lm.length, CPU))
 
         def at_eight():
             mod, attended = block.attention_half(hidden, rotary, c)
@@ -155,7 +156,7 @@ def last_block(args) -> None:
 def rotary(args) -> None:
     lm = char_default()
     cos, sin = lm.model.rotary_emb(lm.length, CPU)
-    polar = lm.model.rotary_emb.polar(lm.length, CPU)
+    polar = torch.complex(cos, sin)
     heads = lm.config.model.n_heads
     for rows in (1, 32):
         qkv = torch.randn(rows, lm.length, 3, heads, lm.config.model.hidden_size // heads)
@@ -198,22 +199,21 @@ def masked_fraction(args) -> None:
 
 def compile_trunk(args) -> None:
     eager, compiled = char_default(), char_default()
-    compiled.model.use_compiled_trunk(True)
+    compiled.runner = FastSEDD(compiled.model, compile="freeze")
     x = torch.randint(0, eager.mask_id, (args.rows, eager.length))
     sigma = torch.full((args.rows,), 0.7)
     with torch.inference_mode():
         start = time.perf_counter()
-        compiled.model.trunk(x, sigma)
+        compiled.runner._head(x, sigma)
         print(f"  compiled {args.rows} rows in {time.perf_counter() - start:.1f} s")
-        show(interleaved({"eager trunk": lambda: eager.model.trunk(x, sigma),
-                          "compiled trunk (freezing)": lambda: compiled.model.trunk(x, sigma)},
+        show(interleaved({"eager trunk": lambda: eager.runner._head(x, sigma),
+                          "compiled trunk (freezing)": lambda: compiled.runner._head(x, sigma)},
                          max(10, args.repeats * 20 // args.rows)))
 
 
 def request_ab(args) -> None:
     eager = load(args.model, device=CPU, dtype=torch.float32)
-    compiled = load(args.model, device=CPU, dtype=torch.float32)
-    compiled.model.use_compiled_trunk(True)
+    compiled = load(args.model, device=CPU, dtype=torch.float32, compile="freeze")
     sedd_bench.run_ours(compiled, 1, 2, compiled.length)
 
     def naive_loop():

@@ -95,7 +95,7 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
 def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:
     """Run a job step by step on its own, yielding it after each step (the last yield is the final state)."""
     while not job.done:
-        denoising_step(lm.model, lm.graph, lm.noise, [job])
+        denoising_step(lm.runner, lm.graph, lm.noise, [job])
         yield job
 
 

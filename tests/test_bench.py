@@ -6,7 +6,6 @@ docs/benchmarks-sampling.md, never asserted in a unit test.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch
 
 from benchmarks import measure, naive, presets, sedd_bench
 from sedd_core import sampling
-from sedd_core.generation import iterate, make_job
 from sedd_core.sampling import Job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,40 +136,7 @@ def test_peak_memory_is_measured_per_configuration():
         assert mem.peak_bytes >= 32 * 2**20
 
 
-def _compile_works() -> str | None:
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile"
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on a CPU needs a C++ compiler; none found"
-    return None
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
-def test_compiled_trunk_gives_the_same_tokens_as_eager():
-    lm = presets.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=5)
-
-    def sample():
-        job = make_job(lm, num_samples=3, steps=8, seed=5)  # 3 rows: padded to the bucket of 4
-        for _ in iterate(lm, job):
-            pass
-        return job.x
-
-    eager = sample()
-    lm.model.use_compiled_trunk(True)
-    try:
-        assert [bucket for bucket, _ in lm.model.warm_compiled_trunk(3, 12)] == [1, 2, 4]
-        compiled = sample()
-        with torch.no_grad():  # the compiled graphs hold the weights as constants (freezing) ...
-            lm.model.blocks[0].mlp[0].weight.mul_(-1)
-        with pytest.warns(UserWarning, match="weights changed"):
-            after_change = sample()  # ... so a change sends the trunk back to eager, never to stale weights
-        assert lm.model._compiled_trunk is None
-    finally:
-        lm.model.use_compiled_trunk(False)
-    assert torch.equal(eager, compiled)
-    assert torch.equal(after_change, sample())
-    assert not torch.equal(after_change, eager)
 
 
 @pytest.mark.slow

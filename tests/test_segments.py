@@ -247,6 +247,13 @@ def test_rewrite_span_may_cut_a_gpt2_token(gpt2):
     assert text_and_spans(gpt2, row, layout.gaps)[0].replace("LL", "ll") == text
 
 
+def test_rewrite_refuses_kept_text_that_does_not_survive_gpt2(gpt2):
+    """Offsets count code points, so no span can cut a UTF-8 character; a lone surrogate cannot be kept."""
+    assert rewrite_segments(gpt2, "a\u20acb\U0001f600c", [[1, 2], [3, 4]]) == ["a", 1, "b", len(gpt2.encode("\U0001f600")), "c"]
+    with pytest.raises(SegmentError, match=r"the text after span 0 \('\\ud800b'\) does not decode back to itself"):
+        rewrite_segments(gpt2, "a\ud800b", [[0, 1]])
+
+
 @pytest.mark.parametrize(("spans", "lengths", "message"), [
     ([], None, "non-empty list"),
     ([[3, 3]], None, r"span 0 \[3, 3\) is out of range"),

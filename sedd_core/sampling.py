@@ -59,6 +59,7 @@ class Job:
     step_index: int = 0
     prefix_len: int = 0  # fixed tokens at the start / end, for displays
     suffix_len: int = 0
+    gaps: tuple[tuple[int, int], ...] = ()  # token positions [start, end) of each generated gap, for outputs
     grid: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):

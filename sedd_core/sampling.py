@@ -55,6 +55,7 @@ class Job:
     step_index: int = 0
     prefix_len: int = 0  # fixed tokens at the start / end, for displays
     suffix_len: int = 0
+    masks_left: torch.Tensor | None = None  # long (n,) on the device: positions still masked after the last step
     grid: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -155,10 +156,11 @@ def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Ge
     return out.log_()
 
 
-def _advance(jobs: Sequence[Job], x: torch.Tensor) -> None:
+def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
     start = 0
     for job in jobs:
         job.x = x[start : start + job.rows]
+        job.masks_left = masks_left[start : start + job.rows]
         job.step_index += 1
         start += job.rows
 
@@ -182,10 +184,11 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> in
         return 0
     x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
     if graph.absorb:
-        x, work = _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+        x, work, masks_left = _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
     else:
         x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
-    _advance(jobs, x)
+        masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # no mask state
+    _advance(jobs, x, masks_left)
     return work
 
 
@@ -203,8 +206,8 @@ def masked_log_probs(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> 
 
 
 def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
-    """(log probs (N, V) at the masked positions, their flat index, masked count per row), or None when no
-    position is masked. On a CPU the log probs live in a workspace buffer that the next step reuses."""
+    """(log probs (N, V) at the masked positions, their flat index, masked count per row, row of each
+    position), or None when no position is masked. On a CPU the log probs live in a workspace buffer that the next step reuses."""
     masked = (x == graph.mask).reshape(-1)
     counts = masked.view(x.shape).sum(dim=1).tolist()  # the step's one host sync: it sizes the output
     total = sum(counts)
@@ -227,14 +230,15 @@ def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate
     logits = log_score
     real.add_(torch.log(coef)[:, None])
     logits[:, -1] = log_p_mask
-    return logits, index, counts
+    return logits, index, counts, row_of
 
 
 def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
     found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
+    masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     if found is None:
-        return x, 0
-    logits, index, counts = found
+        return x, 0, masks_left
+    logits, index, counts, row_of = found
     vocab = graph.dim
     group_counts, start = [], 0
     for job in jobs:
@@ -243,7 +247,9 @@ def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rat
     noise_log = _gumbel(group_counts, vocab, [job.generator for job in jobs], x.device)
     choice = torch.argmax(logits.sub_(noise_log), dim=-1)  # Gumbel-max: argmax(logits - log E)
     x.view(-1).index_copy_(0, index, choice)  # x is this step's own copy (torch.cat)
-    return x, len(index)
+    # Masked after the step: this step's masked positions that drew the mask again (no count over x, no sync).
+    masks_left.index_add_(0, row_of, (choice == graph.mask).long())
+    return x, len(index), masks_left
 
 
 def _nonzero(flags: torch.Tensor, count: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config, write_oxen_folder
 
 import sedd_core
 from sedd_core.engine import Engine, EngineClosed, ErrorOutput, FinalOutput, QueueFull, StepOutput, Submission
@@ -315,8 +316,6 @@ def test_records_carry_token_rows_and_masks_left(lm):
 
 
 def test_uniform_graph_reports_no_masks(tmp_path):
-    from helpers import tiny_config, write_oxen_folder
-
     folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=8))
     uniform = sedd_core.load(str(folder), device="cpu")
 

@@ -260,7 +260,7 @@ def bench_section(device: torch.device, dtype: torch.dtype, preset: str, steps: 
 
 def engine_section(device: torch.device, dtype: torch.dtype, preset: str, requests: int, samples: int,
                    steps: int, max_rows: int, stream_every: int) -> dict[str, Any]:
-    from sedd_core.engine import Engine
+    from sedd_core.engine import Engine, FinalOutput, StepOutput
     from sedd_core.generation import make_job
 
     lm = bench.synthetic_model(preset, device, dtype)
@@ -279,11 +279,11 @@ def engine_section(device: torch.device, dtype: torch.dtype, preset: str, reques
     async def one(i: int) -> tuple[float, str]:
         job = make_job(lm, num_samples=samples, steps=steps, seed=i)
         submitted = time.perf_counter()
-        request = engine.submit(job, stream_every=stream_every)
-        outcome = "none"
-        async for event in request.events():
-            outcome = event.type
-        return time.perf_counter() - submitted, outcome
+        submission = engine.submit(job, stream_every=stream_every)
+        records = await submission.next_outputs()
+        while isinstance(records[-1], StepOutput):
+            records = await submission.next_outputs()
+        return time.perf_counter() - submitted, "done" if isinstance(records[-1], FinalOutput) else "error"
 
     async def main():
         return await asyncio.gather(*(one(i) for i in range(requests)))

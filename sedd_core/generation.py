@@ -86,8 +86,7 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
         fixed[canvas.length - n_suffix:] = True
         fixed_tokens[canvas.length - n_suffix:] = torch.tensor(canvas.suffix_ids, device=lm.device)
     job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
-              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens,
-              prefix_len=n_prefix, suffix_len=n_suffix)
+              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens)
     job.project()
     return job
 

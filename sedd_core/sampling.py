@@ -53,8 +53,6 @@ class Job:
     fixed: torch.Tensor | None = None  # bool (L,)
     fixed_tokens: torch.Tensor | None = None  # long (L,)
     step_index: int = 0
-    prefix_len: int = 0  # fixed tokens at the start / end, for displays
-    suffix_len: int = 0
     masks_left: torch.Tensor | None = None  # long (n,) on the device: positions still masked after the last step
     grid: torch.Tensor = field(init=False, repr=False)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .loading import LoadedModel, load
+from .loading import LoadedModel
 from .losses import score_entropy_loss
 
 
@@ -67,9 +67,9 @@ def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: in
 
 
 def cmd_eval(args) -> int:
-    from .cli import _model_source
+    from .cli import load_model
 
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     result = held_out_bits(lm, Path(args.data).read_text(), args.windows, args.batch_size, args.repeats, args.seed)
     result.update(model=lm.name, source=lm.source, data=str(args.data), tokenizer=lm.tokenizer.name)
     if args.json:

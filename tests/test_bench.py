@@ -6,7 +6,6 @@ docs/benchmarks-sampling.md, never asserted in a unit test.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,17 +136,8 @@ def test_peak_memory_is_measured_per_configuration():
         assert mem.peak_bytes >= 32 * 2**20
 
 
-def _compile_works() -> str | None:
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile"
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on a CPU needs a C++ compiler; none found"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
-def test_compiled_trunk_gives_the_same_tokens_as_eager():
+def test_compiled_trunk_gives_the_same_tokens_as_eager(torch_compile):
     lm = bench.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=5)
 
     def sample():
@@ -174,10 +164,10 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager():
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
+def test_gpu_check_smoke_runs_on_a_cpu(tmp_path, compile_unavailable):
     out_file = tmp_path / "gpu-check.json"
     command = [sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)]
-    if _compile_works() is None:
+    if compile_unavailable is None:
         command += ["--compile", "freeze"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import httpx
@@ -15,10 +13,8 @@ import pytest
 import torch
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, TINY_FIVE, ServerFailed, _wait_ready, free_port, running_server, server_env
 
-pytestmark = [pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found"),
-              pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 API_KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -26,9 +22,9 @@ LONG = 200_000  # steps no test waits for: such a request ends only by a fault, 
 
 
 @pytest.fixture(scope="module")
-def small_server():
+def small_server(start_server, tiny_five):
     """Two rows per pass, two waiting requests, an API key, and the test-only fault switch."""
-    with running_server(str(TINY_FIVE), max_rows=2, max_queue=2, max_samples=2, max_steps=LONG,
+    with start_server(tiny_five, max_rows=2, max_queue=2, max_samples=2, max_steps=LONG,
                         fault_injection=1, api_key=API_KEY) as url:
         yield url
 
@@ -173,20 +169,15 @@ def test_fault_switch_is_off_by_default(tiny_server, small_server):
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
-def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
+def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time(spawn_server, tiny_five):
     """On SIGTERM the server admits nothing new; a stream that can finish within SEDD_DRAIN_TIMEOUT_S ends
     with `done`; one that cannot ends with an `error` event at the timeout, a JSON request with a 503
     that says why; and the process exits shortly after."""
     drain = 4.0
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--timeout-graceful-shutdown", "60"]  # the drain, not uvicorn, must bound it
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=server_env(str(TINY_FIVE), drain_timeout_s=drain, max_steps=LONG))
+    # A graceful timeout of 60 s: the drain, not uvicorn, must bound the shutdown.
+    with spawn_server(tiny_five, graceful_s=60, drain_timeout_s=drain, max_steps=LONG) as server:
+        proc, url = server.proc, server.url
         try:
-            _wait_ready(proc, url, 90, log)
 
             async def scenario():
                 async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -215,8 +206,7 @@ def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
-        log.seek(0)
-        output = log.read().decode("utf-8", "replace")
+        output = server.log()
     assert refused in (503, "connection refused"), refused
     assert short[0] == "done", short
     assert long[0] == "error" and "shut down" in long[1]["error"], long
@@ -269,20 +259,20 @@ def test_numbers_and_bodies_as_the_schema_reads_them(small_server):
         assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
 
 
-def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path):
+def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path, start_server, tiny_five):
     """SEDD_MODEL names a folder whose checkpoint needs full unpickling: the server does not start (its
     /health says `failed`, its log names the opt-in); with SEDD_ALLOW_PICKLE=1 it starts."""
     folder = tmp_path / "pickled"
     folder.mkdir()
-    (folder / "config.yaml").write_text((TINY_FIVE / "config.yaml").read_text())
-    weights = torch.load(TINY_FIVE / "checkpoint.pth", weights_only=True)
+    (folder / "config.yaml").write_text((tiny_five / "config.yaml").read_text())
+    weights = torch.load(tiny_five / "checkpoint.pth", weights_only=True)
     torch.save({"model": weights, "extra": _Unsafe()}, folder / "checkpoint.pth")
 
-    with pytest.raises(ServerFailed) as refused:
-        with running_server(str(folder), warmup="false", startup_timeout=60):
+    with pytest.raises(RuntimeError, match="failed to load|exited") as refused:  # conftest's ServerFailed
+        with start_server(folder, warmup="false", startup_timeout=60):
             pass
     assert "SEDD_ALLOW_PICKLE=1" in str(refused.value) and "weights_only" in str(refused.value)
-    with running_server(str(folder), warmup="false", SEDD_ALLOW_PICKLE=1) as url:
+    with start_server(folder, warmup="false", SEDD_ALLOW_PICKLE=1) as url:
         assert httpx.get(url + "/health").json()["status"] == "ok"
         assert httpx.post(url + "/sample", json={"steps": 4}).status_code == 200
 
@@ -294,12 +284,12 @@ class _Unsafe:
 
 # ---- load -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_short_load_every_stream_done_memory_flat_and_seed_stable():
+def test_short_load_every_stream_done_memory_flat_and_seed_stable(repo_root, tiny_five):
     """scripts/load_test.py's guarantees on a short run: 16 streaming clients for 12 s on tiny-five."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(repo_root / "scripts"))
     import load_test
 
-    proc, url = load_test.start_server(str(TINY_FIVE), {"SEDD_MAX_ROWS": "16", "SEDD_MAX_QUEUE": "32"})
+    proc, url = load_test.start_server(str(tiny_five), {"SEDD_MAX_ROWS": "16", "SEDD_MAX_QUEUE": "32"})
     try:
         result = asyncio.run(load_test.run_load(url, clients=16, duration=12, steps=16, pid=proc.pid))
     finally:

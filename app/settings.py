@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU one "
                                       "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
+    compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
+                                "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")
     log_level: str = Field("info", description="level of the sedd.* loggers")
     fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
                                   "which makes the next model passes fail; never set it in production")
@@ -44,6 +46,14 @@ class Settings(BaseSettings):
         if value is None or str(value).strip().lower() in ("", "auto", "none"):
             return None
         return str(value).strip()
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value):  # FastSEDD's compile argument: None, "freeze" or a torch.compile mode
+        text = "" if value is None else str(value).strip().lower()
+        if text in ("", "0", "false", "no"):
+            return None
+        return "freeze" if text in ("1", "true", "yes") else text
 
     @field_validator("torch_threads", mode="before")
     @classmethod

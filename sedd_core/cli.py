@@ -35,14 +35,14 @@ def _model_source(args) -> str:
     return args.model or os.environ.get("SEDD_MODEL") or "default"
 
 
-def _run_generation(args, prefix: str = "", suffix: str = "") -> int:
+def _run_generation(args, prefix: str = "", suffix: str = "", segments: list | None = None) -> int:
     from . import generation as gen
     from .loading import load
 
     lm = load(_model_source(args), device=args.device, dtype=args.dtype)
     seed = gen.new_seed() if args.seed is None else args.seed
     job = gen.make_job(lm, num_samples=args.num_samples, steps=args.steps, length=args.length,
-                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix)
+                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix, segments=segments)
     start = time.perf_counter()
     with tqdm(total=args.steps + 1, desc="denoising", unit="step", file=sys.stderr) as bar:
         for state in gen.iterate(lm, job):
@@ -67,7 +67,19 @@ def cmd_sample(args) -> int:
 
 
 def cmd_infill(args) -> int:
-    return _run_generation(args, prefix=args.prefix, suffix=args.suffix)
+    segments = None
+    if args.segments is not None:
+        from .generation import GenerationError
+
+        try:
+            segments = json.loads(args.segments)
+        except json.JSONDecodeError as exc:
+            raise GenerationError(f"--segments is not valid JSON ({exc.msg} at character {exc.pos}); write a "
+                                  "list such as '[\"ROMEO. \", 40, \".\\n\"]'") from None
+        if not isinstance(segments, list):
+            raise GenerationError(f"--segments must be a JSON list of strings and integers, got "
+                                  f"{type(segments).__name__}")
+    return _run_generation(args, prefix=args.prefix, suffix=args.suffix, segments=segments)
 
 
 def cmd_info(args) -> int:
@@ -109,10 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("infill", help="fill the middle between a fixed prefix and suffix")
+    p = sub.add_parser("infill", help="fill the middle between a fixed prefix and suffix, or the gaps of --segments")
     _add_generation_args(p)
     p.add_argument("--prefix", default="", help="text fixed at the start")
     p.add_argument("--suffix", default="", help="text fixed at the end")
+    p.add_argument("--segments", default=None, help="the whole canvas as a JSON list: strings are kept exactly, "
+                                                    "integers are gaps of that many tokens, e.g. "
+                                                    "'[\"ROMEO. \", 40, \".\\n\"]' (not with --prefix/--suffix/--length)")
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("info", help="show the resolved model folder, config, tokenizer and size")
@@ -128,13 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish streams on shutdown")
     p.set_defaults(func=cmd_serve)
 
-    for module in ("training.cli", "data", "bench", "evaluate"):
+    for module in ("training.cli", "data", "evaluate"):
         try:
             mod = __import__(f"sedd_core.{module}", fromlist=["add_cli"])
         except ModuleNotFoundError:
             continue
         mod.add_cli(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    """`sedd bench` lives in the `benchmarks` package beside the library (installed with it); it is
+    imported only here, when the command line is built, so that the library never depends on it."""
+    try:
+        from benchmarks.sedd_bench import add_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks":
+            raise
+        return
+    add_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

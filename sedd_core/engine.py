@@ -212,7 +212,7 @@ class Engine:
         try:
             if self.fault_injector is not None:
                 self.fault_injector(jobs)
-            positions = denoising_step(self.lm.model, self.lm.graph, self.lm.noise, jobs)
+            positions = denoising_step(self.lm.runner, self.lm.graph, self.lm.noise, jobs)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(group) > 1:

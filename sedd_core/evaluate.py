@@ -95,8 +95,8 @@ def elbo_rows(model, graph: Graph, noise: Noise, x0: torch.Tensor, t: torch.Tens
     L tokens has these n tokens there (for padding at the end: begins with them); it is not the
     probability of a document that ends after them.
 
-    With the absorbing graph the vocabulary-wide output layer runs only at the positions that count
-    (masked in x_t, real in x0)."""
+    With the absorbing graph the log score is asked for only at the positions that count (masked in
+    x_t, real in x0): a `FastSEDD` runner computes the vocabulary-wide output layer only there."""
     sigma, dsigma = noise(t)
     if not graph.absorb:
         log_score = model(x_t, sigma).float()
@@ -182,23 +182,25 @@ class ElboDraws:
 
     @torch.inference_mode()
     def step(self, model, graph: Graph, noise: Noise, max_rows: int) -> int:
-        """Compute the next `max_rows` rows (fewer at the end); returns how many. The model runs in eval
-        mode (dropout off, as the authors' train=False) and is put back in its mode afterwards."""
+        """Compute the next `max_rows` rows (fewer at the end); returns how many. `model`: a `SEDD` or a
+        `FastSEDD` runner over one; the network runs in eval mode (dropout off, as the authors'
+        train=False) and is put back in its mode afterwards."""
         rows = range(self.rows_done, min(self.total_rows, self.rows_done + max(1, int(max_rows))))
         if not rows:
             return 0
         drawn = [_draw(graph, noise, self.windows[r // self.samples], self._keys[r // self.samples],
                        r % self.samples) for r in rows]
-        device = next(model.parameters()).device
+        network = model if isinstance(model, torch.nn.Module) else model.model  # FastSEDD wraps a SEDD
+        device = next(network.parameters()).device
         x0 = self.windows[[r // self.samples for r in rows]].to(device)
         t = torch.cat([d[0] for d in drawn]).to(device)
         x_t = torch.stack([d[1] for d in drawn]).to(device)
-        training = model.training
-        model.eval()
+        training = network.training
+        network.eval()
         try:
             loss = elbo_rows(model, graph, noise, x0, t, x_t)
         finally:
-            model.train(training)
+            network.train(training)
         self.draws.view(-1)[rows.start:rows.stop] = loss
         self.rows_done = rows.stop
         return len(rows)
@@ -228,8 +230,9 @@ def elbo_draws(model, graph: Graph, noise: Noise, ids: torch.Tensor, samples: in
 def score_tokens(model, graph: Graph, noise: Noise, ids: torch.Tensor, samples: int, seed: int = 0,
                  batch_size: int = 64, progress: Progress | None = None) -> list[tuple[float, float]]:
     """(nll_nats, stderr_nats) for each window of `ids` (W, L), L the model's length; mask tokens in a
-    window (absorbing graph) are held masked and not counted (see `elbo_rows`). For a model in training
-    pass the plain SEDD module, its graph and noise; put the EMA weights in place first if wanted."""
+    window (absorbing graph) are held masked and not counted (see `elbo_rows`). `model`: a plain `SEDD`
+    (a model in training, EMA weights put in place by the caller if wanted) or a `FastSEDD` runner
+    (`lm.runner`: faster, it computes the output layer only where the loss counts)."""
     check_windows(ids, graph)
     job = ElboDraws(ids, samples, seed)
     job.run(model, graph, noise, batch_size, progress)
@@ -314,7 +317,7 @@ def score_texts(lm: LoadedModel, texts: str | Sequence[str], samples: int = 128,
     scores = TextScores(lm, texts, samples, seed)
     rows = batch_size or default_rows(lm.length, lm.graph.dim)
     while not scores.done:
-        done = scores.step(lm.model, lm.graph, lm.noise, rows)
+        done = scores.step(lm.runner, lm.graph, lm.noise, rows)
         if progress is not None:
             progress(done)
     return scores.results()
@@ -337,7 +340,7 @@ def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: in
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     x0_all = evenly_spaced_windows(ids, lm.length, windows)
     with tqdm(total=windows * repeats, desc="eval", unit="row", file=sys.stderr) as bar:
-        draws = elbo_draws(lm.model, lm.graph, lm.noise, x0_all, repeats, seed, batch_size, bar.update)
+        draws = elbo_draws(lm.runner, lm.graph, lm.noise, x0_all, repeats, seed, batch_size, bar.update)
     values = draws.reshape(-1) / lm.length / math.log(2)
     return {"bits_per_token": values.mean().item(),
             "standard_error": (values.std() / math.sqrt(len(values))).item(),
@@ -373,7 +376,7 @@ def cmd_score(args) -> int:
     rows = args.batch_size or default_rows(lm.length, lm.graph.dim)
     with tqdm(total=scores.total_rows, desc="scoring", unit="row", file=sys.stderr, delay=1.0) as bar:
         while not scores.done:
-            bar.update(scores.step(lm.model, lm.graph, lm.noise, rows))
+            bar.update(scores.step(lm.runner, lm.graph, lm.noise, rows))
     for result in scores.results():
         if args.json:
             print(json.dumps({**result.to_dict(), "samples": args.samples, "seed": args.seed, "model": lm.name}),

@@ -7,10 +7,10 @@ start would mistake for a model.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .files import atomic_folder
 
 OXEN_HOST = os.environ.get("SEDD_OXEN_HOST", "hub.oxen.ai")
 
@@ -28,26 +28,6 @@ def _split_repo(spec: str, scheme: str) -> tuple[str, str]:
     if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
         raise HubError(f"{scheme}:{spec} is not of the form {scheme}:NAMESPACE/NAME")
     return parts[0], parts[1]
-
-
-def _download_atomically(dest: Path, fetch) -> Path:
-    """Run fetch(tmp_folder) and move the result to dest; nothing is left at dest on failure."""
-    if dest.is_dir():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        fetch(tmp)
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if dest.is_dir():  # another process (a second replica on the same volume) finished first
-            return dest
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
@@ -77,7 +57,7 @@ def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
         target.rmdir()
         print(f"sedd: cloned oxen:{namespace}/{name}", file=sys.stderr, flush=True)
 
-    return _download_atomically(dest, clone)
+    return atomic_folder(dest, clone)
 
 
 def fetch_hf(repo_id: str) -> Path:

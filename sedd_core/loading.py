@@ -21,6 +21,7 @@ import yaml
 
 from . import hub
 from .config import ConfigError, SEDDConfig
+from .fast_model import COMPILE_MODES, FastSEDD
 from .graph import Graph, graph_from_config
 from .model import SEDD
 from .noise import Noise, noise_from_config
@@ -37,6 +38,10 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
+    """A network with what sampling needs around it. `model` is the plain network (training, state dicts);
+    `runner` is what the sampler calls, the same function: a `FastSEDD` over `model` unless loaded with
+    fast=False, then `model` itself."""
+
     model: SEDD
     graph: Graph
     noise: Noise
@@ -47,6 +52,11 @@ class LoadedModel:
     path: Path
     source: str
     layout: str
+    runner: SEDD | FastSEDD | None = None  # None: a FastSEDD over `model`
+
+    def __post_init__(self):
+        if self.runner is None:
+            self.runner = FastSEDD(self.model)
 
     @property
     def name(self) -> str:
@@ -241,14 +251,21 @@ def load_network(path: Path, device: torch.device, dtype: torch.dtype,
 
 
 def load(source: str | os.PathLike | None = "default", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, allow_pickle: bool | None = None) -> LoadedModel:
-    """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source."""
+         dtype: str | torch.dtype | None = None, allow_pickle: bool | None = None, fast: bool = True,
+         compile: str | None = None) -> LoadedModel:
+    """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source.
+
+    `fast=False` samples through the plain network (`model.SEDD`) instead of `fast_model.FastSEDD`;
+    `compile` is FastSEDD's (None, "freeze" or a torch.compile mode)."""
+    if compile is not None and (not fast or compile not in COMPILE_MODES):
+        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)}")
     path, source_text = resolve_source(source)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model, config, layout = load_network(path, device, dtype, allow_pickle)
     tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer)
+    runner = FastSEDD(model, compile=compile) if fast else model
     return LoadedModel(
         model=model, graph=graph_from_config(config), noise=noise_from_config(config), tokenizer=tokenizer,
-        config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout,
+        config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout, runner=runner,
     )

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from .graph import Graph
-from .loading import LoadedModel, load
+from .loading import LoadedModel
 from .losses import SAMPLING_EPS
 from .noise import Noise
 
@@ -350,9 +350,9 @@ def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: in
 # ---- commands ---------------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from .cli import _model_source
+    from .cli import load_model
 
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     result = held_out_bits(lm, Path(args.data).read_text(), args.windows, args.batch_size, args.repeats, args.seed)
     result.update(model=lm.name, source=lm.source, data=str(args.data), tokenizer=lm.tokenizer.name)
     if args.json:
@@ -365,9 +365,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .cli import _model_source
+    from .cli import load_model
 
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     try:
         scores = TextScores(lm, args.texts, args.samples, args.seed)
     except ScoreError as exc:

@@ -92,11 +92,8 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
     x = lm.graph.sample_limit(num_samples, layout.length, device=lm.device, generator=generator)
     fixed = torch.tensor(layout.fixed, dtype=torch.bool, device=lm.device)
     fixed_tokens = torch.tensor(layout.tokens, dtype=torch.long, device=lm.device)
-    leading = next((i for i, kept in enumerate(layout.fixed) if not kept), layout.length)
-    trailing = next((i for i, kept in enumerate(reversed(layout.fixed)) if not kept), layout.length)
     job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
-              fixed=fixed if any(layout.fixed) else None, fixed_tokens=fixed_tokens,
-              prefix_len=leading, suffix_len=trailing, gaps=layout.gaps)
+              fixed=fixed if any(layout.fixed) else None, fixed_tokens=fixed_tokens, gaps=layout.gaps)
     job.project()
     return job
 

@@ -2,7 +2,8 @@
 
 A download goes to a temporary folder beside its destination and is renamed into
 place only when complete, so a failed download never leaves a folder that a later
-start would mistake for a model.
+start would mistake for a model. The cache folder and the Oxen host are arguments
+(the server and the CLI take them from SEDD_CACHE and SEDD_OXEN_HOST).
 """
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from pathlib import Path
 
 from .files import atomic_folder
 
-OXEN_HOST = os.environ.get("SEDD_OXEN_HOST", "hub.oxen.ai")
+OXEN_HOST = "hub.oxen.ai"
 
 
 class HubError(RuntimeError):
     """A hub source could not be fetched; the message says why and what to do."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SEDD_CACHE") or Path.home() / ".cache" / "sedd")
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sedd"
 
 
 def _split_repo(spec: str, scheme: str) -> tuple[str, str]:
@@ -30,10 +31,11 @@ def _split_repo(spec: str, scheme: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
-    """Clone an Oxen repository (e.g. models/SEDD-large) into the cache, once."""
+def fetch_oxen(spec: str, host: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Clone an Oxen repository (e.g. models/SEDD-large) into `cache_dir`/oxen, once."""
     namespace, name = _split_repo(spec, "oxen")
-    dest = cache_dir() / "oxen" / namespace / name
+    host = host or OXEN_HOST
+    dest = Path(cache_dir or default_cache_dir()) / "oxen" / namespace / name
     if dest.is_dir():
         return dest
     try:
@@ -60,7 +62,7 @@ def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
     return atomic_folder(dest, clone)
 
 
-def fetch_hf(repo_id: str) -> Path:
+def fetch_hf(repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Download a Hugging Face model repository (e.g. louaaron/sedd-medium) with huggingface_hub."""
     namespace, name = _split_repo(repo_id, "hf")
     try:
@@ -71,7 +73,7 @@ def fetch_hf(repo_id: str) -> Path:
         return Path(
             snapshot_download(
                 f"{namespace}/{name}",
-                cache_dir=str(cache_dir() / "hf"),
+                cache_dir=str(Path(cache_dir or default_cache_dir()) / "hf"),
                 allow_patterns=["*.json", "*.safetensors", "*.bin", "*.yaml", "*.tiktoken"],
             )
         )

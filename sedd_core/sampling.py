@@ -57,8 +57,7 @@ class Job:
     fixed: torch.Tensor | None = None  # bool (L,)
     fixed_tokens: torch.Tensor | None = None  # long (L,)
     step_index: int = 0
-    prefix_len: int = 0  # fixed tokens at the start / end, for displays
-    suffix_len: int = 0
+    masks_left: torch.Tensor | None = None  # long (n,) on the device: positions still masked after the last step
     gaps: tuple[tuple[int, int], ...] = ()  # token positions [start, end) of each generated gap, for outputs
     grid: torch.Tensor = field(init=False, repr=False)
 
@@ -163,10 +162,11 @@ def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Ge
     return out.log_()
 
 
-def _advance(jobs: Sequence[Job], x: torch.Tensor) -> None:
+def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
     start = 0
     for job in jobs:
         job.x = x[start : start + job.rows]
+        job.masks_left = masks_left[start : start + job.rows]
         job.step_index += 1
         start += job.rows
 
@@ -191,13 +191,13 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job], fused
     if not jobs:
         return 0
     x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
-    if graph.absorb and fused:
-        x, work = _fused_absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
-    elif graph.absorb:
-        x, work = _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+    if graph.absorb:
+        step = _fused_absorbing_step if fused else _absorbing_step
+        x, work, masks_left = step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
     else:
         x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
-    _advance(jobs, x)
+        masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # no mask state
+    _advance(jobs, x, masks_left)
     return work
 
 
@@ -215,20 +215,21 @@ def masked_log_probs(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> 
 
 
 def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
-    """(log probs (N, V) at the masked positions, their flat index, masked count per row), or None when no
-    position is masked. On a CPU the log probs live in a workspace buffer that the next step reuses."""
+    """(log probs (N, V) at the masked positions, their flat index, masked count per row, row of each
+    position), or None when no position is masked. On a CPU the log probs live in a workspace buffer that
+    the next step reuses."""
     found = _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
     if found is None:
         return None
-    log_score, coef, mask_allowed, index, counts = found
+    log_score, coef, mask_allowed, index, counts, row_of = found
     scratch = _workspace.get("noise", len(index), graph.dim, x.device)
-    return _log_probs_in_place(log_score, coef, mask_allowed, scratch), index, counts
+    return _log_probs_in_place(log_score, coef, mask_allowed, scratch), index, counts, row_of
 
 
 def _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
     """What the step maths start from, or None when no position is masked: (log score (N, V) float32 at
     the masked positions, each position's coefficient and whether it may stay masked, both (N,),
-    the positions' flat index, masked count per row)."""
+    the positions' flat index, masked count per row, row of each position)."""
     masked = (x == graph.mask).reshape(-1)
     counts = masked.view(x.shape).sum(dim=1).tolist()  # the step's one host sync: it sizes the output
     total = sum(counts)
@@ -242,7 +243,7 @@ def _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
 
     ds = sigma - noise.total((t - dt).clamp_min(0))
     coef = torch.where(kind == EULER, dt * dsigma_rate, torch.expm1(torch.where(kind == DENOISE, sigma, ds)))
-    return log_score, coef[row_of], (kind != DENOISE)[row_of], index, counts
+    return log_score, coef[row_of], (kind != DENOISE)[row_of], index, counts, row_of
 
 
 def _log_probs_in_place(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor,
@@ -263,12 +264,12 @@ def _log_probs_in_place(log_score: torch.Tensor, coef: torch.Tensor, mask_allowe
 def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
     found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
     if found is None:
-        return x, 0
-    logits, index, counts = found
+        return x, 0, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    logits, index, counts, row_of = found
     noise_log = _gumbel(_per_job(jobs, counts), graph.dim, [job.generator for job in jobs], x.device)
     choice = torch.argmax(logits.sub_(noise_log), dim=-1)  # Gumbel-max: argmax(logits - log E)
     x.view(-1).index_copy_(0, index, choice)  # x is this step's own copy (torch.cat)
-    return x, len(index)
+    return x, len(index), _masks_left(x, row_of, choice, graph.mask)
 
 
 def _fused_parts(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor):
@@ -330,12 +331,19 @@ def compiled_gumbel_max_choice(log_score: torch.Tensor, coef: torch.Tensor, mask
 def _fused_absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
     found = _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
     if found is None:
-        return x, 0
-    log_score, coef, mask_allowed, index, counts = found
+        return x, 0, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    log_score, coef, mask_allowed, index, counts, row_of = found
     draws = _gumbel_draws(_per_job(jobs, counts), graph.dim, [job.generator for job in jobs], x.device)
     choice = compiled_gumbel_max_choice(log_score, coef, mask_allowed, draws, x.device.type == "cpu")
     x.view(-1).index_copy_(0, index, choice)
-    return x, len(index)
+    return x, len(index), _masks_left(x, row_of, choice, graph.mask)
+
+
+def _masks_left(x: torch.Tensor, row_of: torch.Tensor, choice: torch.Tensor, mask: int) -> torch.Tensor:
+    """Masked count per row after the step: this step's masked positions that drew the mask again
+    (no count over x, no host sync)."""
+    left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return left.index_add_(0, row_of, (choice == mask).long())
 
 
 def _per_job(jobs: Sequence[Job], counts: list[int]) -> list[int]:

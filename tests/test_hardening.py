@@ -173,18 +173,26 @@ def test_fault_switch_is_off_by_default(tiny_server, small_server):
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
-def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
+@pytest.mark.parametrize("launcher", ["uvicorn", "sedd serve"])
+def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time(launcher):
     """On SIGTERM the server admits nothing new; a stream that can finish within SEDD_DRAIN_TIMEOUT_S ends
     with `done`; one that cannot ends with an `error` event at the timeout, a JSON request with a 503
-    that says why; and the process exits shortly after."""
+    that says why; and the process exits shortly after. `sedd serve` behaves the same, and its --model
+    flag wins over SEDD_MODEL (the CLI hands the server a Settings object, not the environment)."""
     drain = 4.0
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--timeout-graceful-shutdown", "60"]  # the drain, not uvicorn, must bound it
+    # the drain, not uvicorn's graceful timeout, must bound the shutdown
+    if launcher == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(port), "--timeout-graceful-shutdown", "60"]
+        env = server_env(str(TINY_FIVE), drain_timeout_s=drain, max_steps=LONG)
+    else:
+        cmd = [sys.executable, "-m", "sedd_core.cli", "serve", "--model", str(TINY_FIVE), "--host", "127.0.0.1",
+               "--port", str(port), "--graceful-timeout", "60"]
+        env = server_env("/no/such/model", drain_timeout_s=drain, max_steps=LONG)
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=server_env(str(TINY_FIVE), drain_timeout_s=drain, max_steps=LONG))
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(proc, url, 90, log)
 

@@ -136,22 +136,20 @@ def test_peak_memory_is_measured_per_configuration():
         assert mem.peak_bytes >= 32 * 2**20
 
 
-
-
-
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_every_section_on_a_cpu(tmp_path):
+def test_gpu_check_smoke_runs_every_section_on_a_cpu(tmp_path, repo_root, reference):
     """benchmarks/gpu_check.py --smoke: the GPU check's code paths on a tiny preset (no timing asserted)."""
     out_file = tmp_path / "gpu-check.json"
     out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--budget-s", "900",
-                          "--out", str(out_file)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+                          "--out", str(out_file), "--reference", str(reference)],
+                         capture_output=True, text=True, timeout=600, cwd=repo_root)
     assert out.returncode == 0, out.stderr
     report = json.loads(out_file.read_text())
     sections = report["sections"]
     for name in ("environment", "matmul_peak", "reference", "sdpa", "runs", "naive", "identity", "a10",
                  "graph_runs", "identity_best", "paid"):
         assert sections[name]["status"] == "ok", (name, sections[name])
+    assert "skipped" not in json.dumps(sections["reference"]), sections["reference"]
     env = sections["environment"]["result"]
     for key in ("device_name", "torch", "cuda", "flash_attn"):
         assert key in env, key

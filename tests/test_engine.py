@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, write_oxen_folder
 
 import sedd_core
 from sedd_core.engine import Engine, EngineClosed, ErrorOutput, FinalOutput, QueueFull, StepOutput, Submission
@@ -315,7 +314,7 @@ def test_records_carry_token_rows_and_masks_left(lm):
                                                           suffix="ok")
 
 
-def test_uniform_graph_reports_no_masks(tmp_path):
+def test_uniform_graph_reports_no_masks(tmp_path, tiny_config, write_oxen_folder):
     folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=8))
     uniform = sedd_core.load(str(folder), device="cpu")
 

@@ -5,8 +5,6 @@ choices for the same random draws, with euler, analytic and denoise rows in one 
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -82,15 +80,8 @@ def test_fused_step_with_the_eager_maths_draws_what_the_in_place_step_draws(shor
     assert (unfused != short12.mask_id).any() and torch.equal(fused, unfused)
 
 
-def _compile_unavailable() -> str | None:
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on a CPU needs a C++ compiler; none found"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
-def test_compiled_fused_step_equals_the_in_place_maths(short12):
+def test_compiled_fused_step_equals_the_in_place_maths(short12, torch_compile):
     for n in (9, 1, 30):  # one compile: n is dynamic, and a single position is padded
         log_score, coef, mask_allowed = _step_inputs(n=n, seed=n)
         draws = torch.rand(log_score.shape, generator=torch.Generator().manual_seed(n))

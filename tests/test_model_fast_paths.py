@@ -1,8 +1,6 @@
 """fast_model.FastSEDD computes the same function as the plain network of model.py, faster."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -147,13 +145,13 @@ def test_compile_takes_a_known_mode_only():
         load("default", device="cpu", fast=False, compile="freeze")
 
 
-def test_bfloat16_path_agrees_with_float32_at_masked_positions(shared_dir):
+def test_bfloat16_path_agrees_with_float32_at_masked_positions(reference):
     """The GPU's precision path (autocast, bf16 weights, float32 norms and output maths) through the
     masked-only last block and output layer, run on the CPU: equal to float32 within bf16 rounding."""
     from sedd_core.loading import load_network
 
-    folder = shared_dir / "reference" / "absorb-a" / "oxen-layout"
-    ref = torch.load(shared_dir / "reference" / "absorb-a" / "reference.pt", weights_only=True)
+    folder = reference / "absorb-a" / "oxen-layout"
+    ref = torch.load(reference / "absorb-a" / "reference.pt", weights_only=True)
     full, _, _ = load_network(folder, CPU, torch.float32)
     half, config, _ = load_network(folder, CPU, torch.bfloat16)
     x, sigma = ref["x"], ref["sigma"]
@@ -176,17 +174,8 @@ def test_plain_and_fast_loads_sample_the_same_tokens():
         assert generate(plain, num_samples=2, steps=16, length=48, seed=seed, prefix=prefix) == texts
 
 
-def _compile_works() -> str | None:
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile"
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on a CPU needs a C++ compiler; none found"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
-def test_compiled_trunk_gives_the_same_tokens_as_eager():
+def test_compiled_trunk_gives_the_same_tokens_as_eager(torch_compile):
     lm = load("default", device="cpu")
 
     def sample():

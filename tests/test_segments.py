@@ -8,37 +8,26 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import write_tiny_gpt2_model
-from test_generation import total_variation
 
 import sedd_core
 from sedd_core.canvas import MAX_SEGMENTS, SegmentError, lay_out, rewrite_segments, text_and_spans
 from sedd_core.generation import GenerationError, iterate, make_job
 from sedd_core.tokenizers import CharTokenizer, load_gpt2
 
-TINY_FIVE = SHARED / "reference" / "tiny-five"
-VOCAB = SHARED / "vocab" / "gpt2.tiktoken"
 PINNED = Path(__file__).parent / "data" / "reference" / "tiny-five-pinned"
-needs_tiny_five = pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found")
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason=f"GPT-2 vocabulary not found at {VOCAB}")
 CHARS = CharTokenizer()
 
 
 @pytest.fixture(scope="module")
-def tiny_five():
-    if not TINY_FIVE.is_dir():
-        pytest.skip(f"{TINY_FIVE} not found")
-    return sedd_core.load(TINY_FIVE, device="cpu")
+def tiny_lm(tiny_five):
+    return sedd_core.load(tiny_five, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    if not VOCAB.is_file():
-        pytest.skip(f"GPT-2 vocabulary not found at {VOCAB}")
-    return load_gpt2(VOCAB.parent)
+def gpt2(gpt2_vocab):
+    return load_gpt2(vocab=gpt2_vocab)
 
 
 def run_job(lm, **request):
@@ -62,16 +51,15 @@ def pinned_segments(pins: dict[str, str], length: int) -> list:
 
 
 # ---- the distribution against the authors' sampler with pinned positions ----------------------------------
-@needs_tiny_five
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in PINNED.glob("*.json")))
-def test_pinned_shares_match_the_authors_sampler(tiny_five, name):
+def test_pinned_shares_match_the_authors_sampler(tiny_lm, total_variation, name):
     """2,000 samples with the characters the authors' proj_fun pinned, given as segments: TV over the frequent
     strings within sampling noise of their 2,000 (the bound of tests/test_generation.py)."""
     reference = json.loads((PINNED / f"{name}.json").read_text())
-    segments = pinned_segments(reference["pins"], tiny_five.length)
+    segments = pinned_segments(reference["pins"], tiny_lm.length)
     n = 2000
-    texts = sedd_core.generate(tiny_five, segments=segments, num_samples=n, steps=reference["steps"],
+    texts = sedd_core.generate(tiny_lm, segments=segments, num_samples=n, steps=reference["steps"],
                                predictor=reference["predictor"], seed=1234)
     ours, theirs = Counter(texts), reference["shares"]
     assert all(t[int(k)] == v for t in texts for k, v in reference["pins"].items())
@@ -86,33 +74,30 @@ def test_pinned_segments_follow_the_positions():
 
 
 # ---- kept text lands where the segments put it ------------------------------------------------------------
-@needs_tiny_five
-def test_char_model_keeps_text_at_its_positions(tiny_five):
+def test_char_model_keeps_text_at_its_positions(tiny_lm):
     segments = ["h", 3, " w", 2, "!"]
-    job = run_job(tiny_five, segments=segments, num_samples=6, steps=8, seed=5)
+    job = run_job(tiny_lm, segments=segments, num_samples=6, steps=8, seed=5)
     assert job.length == 9 and job.gaps == ((1, 4), (6, 8))
     for row in job.x.tolist():
-        text, spans = text_and_spans(tiny_five.tokenizer, row, job.gaps, tiny_five.mask_id)
-        assert text == tiny_five.tokenizer.decode(row) and len(text) == 9
+        text, spans = text_and_spans(tiny_lm.tokenizer, row, job.gaps, tiny_lm.mask_id)
+        assert text == tiny_lm.tokenizer.decode(row) and len(text) == 9
         assert text[0] == "h" and text[4:6] == " w" and text[8] == "!"
         assert spans == [(1, 4), (6, 8)]
 
 
-@needs_tiny_five
-def test_prefix_and_suffix_are_shorthand_for_segments(tiny_five):
+def test_prefix_and_suffix_are_shorthand_for_segments(tiny_lm):
     request = dict(num_samples=4, steps=8, seed=21)
-    assert (sedd_core.generate(tiny_five, prefix="sc", suffix="os", **request)
-            == sedd_core.generate(tiny_five, segments=["sc", 8, "os"], **request))
-    assert (sedd_core.generate(tiny_five, length=7, prefix="d", **request)
-            == sedd_core.generate(tiny_five, segments=["d", 6, ""], **request))
-    job = make_job(tiny_five, prefix="sc", suffix="os")
+    assert (sedd_core.generate(tiny_lm, prefix="sc", suffix="os", **request)
+            == sedd_core.generate(tiny_lm, segments=["sc", 8, "os"], **request))
+    assert (sedd_core.generate(tiny_lm, length=7, prefix="d", **request)
+            == sedd_core.generate(tiny_lm, segments=["d", 6, ""], **request))
+    job = make_job(tiny_lm, prefix="sc", suffix="os")
     assert job.gaps == ((2, 10),)
-    assert make_job(tiny_five).gaps == ((0, 12),) and make_job(tiny_five).fixed is None
+    assert make_job(tiny_lm).gaps == ((0, 12),) and make_job(tiny_lm).fixed is None
 
 
-@needs_vocab
-def test_gpt2_model_keeps_text_in_the_middle_token_exact(tmp_path):
-    lm = sedd_core.load(write_tiny_gpt2_model(tmp_path / "gpt2", vocab_file=VOCAB, length=24), device="cpu")
+def test_gpt2_model_keeps_text_in_the_middle_token_exact(tmp_path, write_tiny_gpt2_model, gpt2_vocab):
+    lm = sedd_core.load(write_tiny_gpt2_model(tmp_path / "gpt2", vocab_file=gpt2_vocab, length=24), device="cpu")
     segments = ["The", 5, " quick brown", 4, " fox jumps."]
     job = run_job(lm, segments=segments, num_samples=3, steps=6, seed=2)
     pieces = [lm.tokenizer.encode(s) for s in segments if isinstance(s, str)]
@@ -151,16 +136,15 @@ def test_gpt2_partial_characters_follow_the_whole_decode(gpt2):
     assert text == gpt2.decode(row) == "ok\ufffdok" and spans == [(2, 3)]
 
 
-@needs_vocab
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(["ok", " é", "€!", "\n", "x y"]),
                           st.lists(st.sampled_from(list(range(0xC2, 0xF0)) + list(range(0x80, 0xC0))
                                                    + [300, 1000, 50256]), min_size=1, max_size=4)),
                 min_size=1, max_size=6))
-def test_gpt2_kept_text_decodes_in_place_whatever_the_gaps_hold(parts):
+def test_gpt2_kept_text_decodes_in_place_whatever_the_gaps_hold(gpt2, parts):
     """Random gap tokens, single bytes of broken UTF-8 included: the text is the whole-row decode, kept text
     sits between the spans unchanged."""
-    tok = load_gpt2(VOCAB.parent)
+    tok = gpt2
     single = {}
     row, gaps = [], []
     for part in parts:
@@ -220,14 +204,13 @@ def test_gpt2_refuses_text_that_does_not_survive_encoding(gpt2):
         lay_out(gpt2, ["a\ud800", 2], max_length=24)
 
 
-@needs_tiny_five
-def test_make_job_reports_segment_errors_as_generation_errors(tiny_five):
+def test_make_job_reports_segment_errors_as_generation_errors(tiny_lm):
     with pytest.raises(GenerationError, match="give either segments or prefix/suffix/length, not both"):
-        make_job(tiny_five, segments=["a", 3], prefix="x")
+        make_job(tiny_lm, segments=["a", 3], prefix="x")
     with pytest.raises(GenerationError, match="not both"):
-        make_job(tiny_five, segments=["a", 3], length=4)
+        make_job(tiny_lm, segments=["a", 3], length=4)
     with pytest.raises(GenerationError, match="segment 1 is a gap of 0 tokens"):
-        make_job(tiny_five, segments=["a", 0])
+        make_job(tiny_lm, segments=["a", 0])
 
 
 # ---- rewriting spans ----------------------------------------------------------------------------------------
@@ -279,13 +262,12 @@ def test_rewrite_refuses_kept_text_the_vocabulary_cannot_encode():
     assert rewrite_segments(CHARS, "héllo", [[1, 2]]) == ["h", 1, "llo"]
 
 
-@needs_tiny_five
-def test_rewrite_run_changes_only_the_span(tiny_five):
+def test_rewrite_run_changes_only_the_span(tiny_lm):
     text = "hello world!"
-    job = run_job(tiny_five, segments=rewrite_segments(tiny_five.tokenizer, text, [[2, 4], [6, 9]]),
+    job = run_job(tiny_lm, segments=rewrite_segments(tiny_lm.tokenizer, text, [[2, 4], [6, 9]]),
                   num_samples=4, steps=8, seed=3)
     for row in job.x.tolist():
-        new, spans = text_and_spans(tiny_five.tokenizer, row, job.gaps, tiny_five.mask_id)
+        new, spans = text_and_spans(tiny_lm.tokenizer, row, job.gaps, tiny_lm.mask_id)
         assert spans == [(2, 4), (6, 9)]
         assert new[:2] + new[4:6] + new[9:] == "he" + "o " + "ld!"
 
@@ -296,22 +278,20 @@ def sedd(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
 
 
-@needs_tiny_five
-def test_cli_infill_with_segments():
-    out = sedd("infill", "--model", str(TINY_FIVE), "--segments", '[2, "s", 7, "o", 1]', "--steps", "8",
+def test_cli_infill_with_segments(tiny_five):
+    out = sedd("infill", "--model", str(tiny_five), "--segments", '[2, "s", 7, "o", 1]', "--steps", "8",
                "--num-samples", "2", "--seed", "4", "--json")
     assert out.returncode == 0, out.stderr
     texts = [json.loads(line)["text"] for line in out.stdout.splitlines()]
     assert len(texts) == 2 and all(len(t) == 12 and t[2] == "s" and t[10] == "o" for t in texts)
 
 
-@needs_tiny_five
 @pytest.mark.parametrize(("args", "message"), [
     (("--segments", '["ab", 4'), "--segments is not valid JSON"),
     (("--segments", '{"a": 1}'), "--segments must be a JSON list"),
     (("--segments", '["ab", 0]'), "segment 1 is a gap of 0 tokens"),
     (("--segments", '["ab", 4]', "--prefix", "x"), "not both"),
 ])
-def test_cli_bad_segments_exit_2(args, message):
-    out = sedd("infill", "--model", str(TINY_FIVE), *args)
+def test_cli_bad_segments_exit_2(tiny_five, args, message):
+    out = sedd("infill", "--model", str(tiny_five), *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -394,7 +394,6 @@ def test_push_creates_a_missing_repo_and_runs_in_the_background(corpus, tmp_path
 
 
 def test_push_failure_on_the_real_network_is_a_warning(corpus, tmp_path):
-    pytest.importorskip("oxen")
     logs: list[str] = []
     cfg = tiny(corpus, n_iters=3, checkpoint_every=2)
     cfg.push.host, cfg.push.scheme = "127.0.0.1:9", "http"  # nothing listens: a real connection error

@@ -4,18 +4,15 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, write_oxen_folder
 
 import sedd_core
 from sedd_core import cli
 from sedd_core.evaluate import ElboDraws, ScoreError, TextScores, elbo_rows, score_texts, score_tokens
 from sedd_core.losses import score_entropy_loss
 
-AUTHORS = Path(__file__).parent / "data" / "reference" / "tiny-five-score" / "authors_loss.json"
 TRAINING_STRINGS = ["hello world!", "diffusion ok", "masked chars", "score ratios", "tiny dataset"]
 
 
@@ -25,8 +22,9 @@ def lm(tiny_five):
 
 
 @pytest.fixture(scope="module")
-def authors() -> dict:
-    return json.loads(AUTHORS.read_text())
+def authors(reference) -> dict:
+    """The authors' loss on tiny-five's strings (tests/data/reference/tiny-five-score/README.md)."""
+    return json.loads((reference / "tiny-five-score" / "authors_loss.json").read_text())
 
 
 def test_each_draw_equals_the_authors_loss_at_the_same_noise(lm, authors):
@@ -148,7 +146,7 @@ def test_bad_input_is_refused_with_a_clear_message(lm, texts, samples, message):
         TextScores(lm, texts, samples=samples)
 
 
-def test_uniform_graph_scores_whole_windows_and_refuses_short_ones(tmp_path):
+def test_uniform_graph_scores_whole_windows_and_refuses_short_ones(tmp_path, tiny_config, write_oxen_folder):
     folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=6))
     lm = sedd_core.load(folder, device="cpu")
     [result] = score_texts(lm, "abcdefghijkl", samples=4)

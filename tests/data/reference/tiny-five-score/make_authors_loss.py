@@ -72,7 +72,7 @@ def main() -> None:
                 "t ~ U(1e-3, 1), x_t from the absorbing forward process, sum over positions of "
                 "dsigma/dt * score entropy; nats per 12-character string",
         "authors_repository": "https://github.com/louaaron/Score-Entropy-Discrete-Diffusion",
-        "authors_commit": args.commit, "model": "tiny-five (shared/reference/tiny-five)",
+        "authors_commit": args.commit, "model": "tiny-five (tests/data/reference/tiny-five)",
         "network": "sedd_core.model.SEDD (theirs needs flash-attn; ours matches their log scores)",
         "device": "cpu", "dtype": "float32", "draws_per_string": args.draws, "torch_seed": args.seed,
         "command": "python tests/data/reference/tiny-five-score/make_authors_loss.py AUTHORS_DIR "

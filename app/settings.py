@@ -35,6 +35,8 @@ class Settings(BaseSettings):
                                       "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
     log_level: str = Field("info", description="level of the sedd.* loggers")
+    replica_id: str | None = Field(None, description="this server's name in the X-Replica-ID header and GET "
+                                   "/v1/model; unset = HOST:PID (under Ray Serve: the replica's id)")
     fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
                                   "which makes the next model passes fail; never set it in production")
 
@@ -67,6 +69,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
         return [str(origin).strip().rstrip("/") for origin in value if str(origin).strip()]
+
+    @field_validator("replica_id", mode="before")
+    @classmethod
+    def _empty_replica(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return str(value).strip()
 
     @field_validator("log_level")
     @classmethod

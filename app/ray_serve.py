@@ -119,8 +119,10 @@ def application(overrides: dict[str, Any] | None = None, **options: Any) -> Appl
 
 def build_app(args: dict[str, Any]) -> Application:
     """Builder for `serve run` / `serve deploy` (`import_path: app.ray_serve:build_app`): `args` are Settings
-    fields; the config file's `deployments:` entry overrides the options derived from them."""
-    return application(args)
+    fields; a GPU per replica when `device` names CUDA. The config file's `deployments:` entry overrides the
+    options derived from them."""
+    gpus = 1 if str(args.get("device", "")).startswith("cuda") else 0
+    return application(args, gpus=gpus)
 
 
 # ---- a local Ray instance for `sedd serve --ray` -------------------------------------------------------

@@ -140,15 +140,24 @@ def start_local(overrides: dict[str, Any], *, replicas: int, host: str, port: in
                 num_cpus: int | None = None) -> None:
     """Start Ray on this machine (no dashboard, no usage report), Serve's proxy on host:port, and `replicas`
     replicas; returns once every replica has loaded its model."""
+    init_local_ray(num_cpus)
+    deploy_local(overrides, replicas=replicas, host=host, port=port)
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cores = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus or _cores(), include_dashboard=False, configure_logging=False)
+
+
+def deploy_local(overrides: dict[str, Any], *, replicas: int, host: str, port: int) -> None:
+    import ray
+
     settings = Settings(**overrides)
-    gpus, cpus = replica_resources(settings, replicas, cores)
+    gpus, cpus = replica_resources(settings, replicas, int(ray.cluster_resources().get("CPU", 1)))
     if gpus == 0 and settings.torch_threads is None:  # the replicas split the cores instead of each taking all
         overrides = {**overrides, "torch_threads": max(1, math.floor(cpus))}
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(overrides, replicas=replicas, gpus=gpus, cpus=cpus), name=APP_NAME, route_prefix="/")
 
@@ -162,16 +171,32 @@ def stop_local() -> None:
         ray.shutdown()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def serve_local(overrides: dict[str, Any], *, replicas: int, host: str, port: int) -> int:
     """`sedd serve --ray`: run until SIGTERM or SIGINT, then stop the replicas (they drain) and Ray."""
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    serving = False
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        if not serving:  # still starting: interrupt the deployment
+            raise KeyboardInterrupt
+
     try:
-        start_local(overrides, replicas=replicas, host=host, port=port)
-        print(f"sedd: serving on http://{host}:{port} with {replicas} Ray Serve replicas; SIGTERM or Ctrl-C "
+        init_local_ray()
+        # After ray.init, which installs its own handlers (they abort the process).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        deploy_local(overrides, replicas=replicas, host=host, port=port)
+        serving = True
+        print(f"sedd: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); SIGTERM or Ctrl-C "
               "stops them", flush=True)
         stop.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         log.info("stopping the replicas and Ray")
         stop_local()

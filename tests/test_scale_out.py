@@ -273,13 +273,15 @@ def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_
         _wait(lambda: httpx.get(base + "/health", timeout=2).status_code == 200, 150, proc)
         answer = httpx.post(base + "/sample", json={"steps": 8, "seed": 1}, timeout=TIMEOUT)
         assert answer.status_code == 200 and answer.headers["x-replica-id"]
+        session = ["pgrep", "-s", str(proc.pid)]
+        assert len(subprocess.run(session, capture_output=True).stdout.split()) > 2, "Ray's processes"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(base + "/health", timeout=2)
         # Ray's own processes (raylet, GCS, the replica) went with it: nothing is left in the session.
         time.sleep(1)
-        assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""
+        assert subprocess.run(session, capture_output=True).stdout == b""
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

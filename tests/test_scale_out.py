@@ -3,7 +3,8 @@ several `sedd serve` processes (deploy/nginx/nginx.conf, the compose profile `re
 
 The Ray tests need the extra (`pip install 'sedd-serve[ray]'`, in the dev extra) and skip with a reason without
 it. They start one local Ray instance in this process (2 CPUs, no dashboard, no usage report) with two
-replicas of tiny-five, one torch thread each, and share it.
+replicas of tiny-five, one torch thread each, and share it; they are marked slow (the instance takes 20-40 s
+to start on a 2-core machine).
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 import yaml
 from httpx_sse import EventSource
 from support import REPO_ROOT, free_port, running_server, server_env
@@ -67,8 +67,9 @@ def check_unbuffered(result: dict) -> None:
 def expected_texts(model_dir: Path, bodies: list[dict]) -> list[list[str]]:
     """What sedd_core.generate gives for each body, here in this process (one torch thread: the replicas
     share the two cores)."""
-    import sedd_core
     import torch
+
+    import sedd_core
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -325,6 +326,7 @@ def running_replicas() -> int:
     return deployment.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_ray_sixteen_clients_json_and_sse_on_both_replicas(ray_cluster, tiny_five):
     bodies = [{"steps": 48, "seed": 300 + i, "predictor": "euler" if i % 3 else "analytic"} for i in range(16)]
     expected = expected_texts(tiny_five, bodies)
@@ -348,6 +350,7 @@ def test_ray_sixteen_clients_json_and_sse_on_both_replicas(ray_cluster, tiny_fiv
     assert len({replica for replica, _ in answers}) == 2, "both replicas served requests"
 
 
+@pytest.mark.slow
 def test_ray_a_seed_gives_the_same_text_on_either_replica(ray_cluster):
     body = {"steps": 32, "seed": 4242, "num_samples": 2}
     by_replica: dict[str, set] = {}
@@ -363,6 +366,7 @@ def test_ray_a_seed_gives_the_same_text_on_either_replica(ray_cluster):
     assert len(set.union(*by_replica.values())) == 1, by_replica
 
 
+@pytest.mark.slow
 def test_ray_streams_are_not_buffered_and_the_page_loads(ray_cluster):
     with httpx.Client(timeout=TIMEOUT, headers=AUTH) as http:
         check_unbuffered(timed_stream(http, ray_cluster + "/sample", {"steps": 256, "seed": 1, "stream_every": 1}))
@@ -372,12 +376,14 @@ def test_ray_streams_are_not_buffered_and_the_page_loads(ray_cluster):
     assert model.status_code == 200 and model.json()["replica"] == model.headers["x-replica-id"]
 
 
+@pytest.mark.slow
 def test_ray_keeps_the_api_key(ray_cluster):
     response = httpx.post(ray_cluster + "/sample", json={"steps": 4}, timeout=TIMEOUT)
     assert response.status_code == 401, response.text
     assert httpx.get(ray_cluster + "/health", timeout=TIMEOUT).status_code == 200
 
 
+@pytest.mark.slow
 def test_ray_killed_replica_fails_its_requests_and_is_replaced(ray_cluster):
     body = {"steps": 1024, "stream_every": 8}
     results: dict[int, dict] = {}

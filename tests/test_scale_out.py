@@ -384,6 +384,62 @@ def test_ray_keeps_the_api_key(ray_cluster):
 
 
 @pytest.mark.slow
+def test_ray_overload_answers_503_with_retry_after(ray_cluster):
+    """More full-width requests than both replicas admit (each: one 16-row request running, SEDD_MAX_QUEUE=32
+    waiting; max_ongoing_requests lets that many through): the surplus is refused at once with the replica's
+    503 and Retry-After, not piled up. The rest are then cancelled."""
+    import asyncio
+
+    async def overload() -> tuple[list[int], httpx.Response]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=TIMEOUT, headers=AUTH, limits=limits) as http:
+            tasks = []
+            for i in range(90):  # a quick ramp, not one burst: Ray's proxy refuses more than
+                # max_queued_requests (32) that arrive before it has handed them to a replica
+                tasks.append(asyncio.create_task(http.post(ray_cluster + "/sample",
+                                                           json={"num_samples": 16, "steps": 1024, "seed": i})))
+                await asyncio.sleep(0.02)
+            before, refused = [], None
+            for next_done in asyncio.as_completed(tasks):
+                response = await next_done
+                if response.status_code == 503:
+                    refused = response
+                    break
+                before.append(response.status_code)
+            for task in tasks:  # the clients leave; the replicas drop their requests
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return before, refused
+
+    before, refused = asyncio.run(overload())
+    assert refused is not None, "no request was refused"
+    assert set(before) <= {200}, before
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "busy" in refused.json()["detail"], refused.text  # the replica's own answer, past its queue
+    assert refused.headers["x-replica-id"]
+    wait_until_idle(ray_cluster)
+
+
+def wait_until_idle(base: str, timeout: float = 90.0) -> None:
+    """Until both replicas report no running rows and no waiting requests on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    idle: set[str] = set()
+
+    def both_idle() -> bool:
+        response = httpx.get(base + "/metrics", headers=AUTH, timeout=TIMEOUT)
+        values = {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
+        replica = response.headers["x-replica-id"]
+        if values["sedd_running_rows"] == 0 and values["sedd_queue_depth"] == 0:
+            idle.add(replica)
+        else:
+            idle.discard(replica)
+        return len(idle) == 2
+
+    _wait(both_idle, timeout)
+
+
+@pytest.mark.slow
 def test_ray_killed_replica_fails_its_requests_and_is_replaced(ray_cluster):
     body = {"steps": 1024, "stream_every": 8}
     results: dict[int, dict] = {}

@@ -133,6 +133,29 @@ def test_serve_config_is_valid_and_follows_the_limits():
     assert deployment["ray_actor_options"]["num_gpus"] == 1
 
 
+@needs_ray
+def test_ray_health_check_is_the_model_readiness():
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.ray_serve import SEDDReplica
+    from app.settings import Settings
+    from app.state import ServerState
+
+    state = ServerState(settings=Settings())
+    replica = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(sedd=state)))
+    for status, healthy in [("loading", False), ("ok", True), ("failed", False), ("draining", True)]:
+        state.status = status
+        if healthy:
+            asyncio.run(SEDDReplica.check_health(replica))
+        else:
+            with pytest.raises(RuntimeError, match=status):
+                asyncio.run(SEDDReplica.check_health(replica))
+    state.status, state.engine = "ok", SimpleNamespace(alive=False)  # the engine's worker thread died
+    with pytest.raises(RuntimeError, match="failed"):
+        asyncio.run(SEDDReplica.check_health(replica))
+
+
 def test_rayservice_manifest_serves_the_same_application(repo_root):
     manifest = yaml.safe_load(RAYSERVICE.read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"

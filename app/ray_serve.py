@@ -41,10 +41,11 @@ def deployment_options(settings: Settings, *, replicas: int | None = None, min_r
     """Ray Serve options derived from the server's limits.
 
     A replica admits `max_rows` running rows and `max_queue` waiting requests and answers 503 with
-    Retry-After past that; `max_ongoing_requests` lets exactly that many reach it (every request takes a
-    row or waits), so Ray never holds a request that the replica would not have taken. When every replica is
-    full, Ray's proxy queues `max_queue` more and then answers 503 with Retry-After itself. Autoscaling aims
-    at `max_rows` ongoing requests per replica: one full model pass each. `replicas` fixes the count instead.
+    Retry-After past that; `max_ongoing_requests` lets that many reach it (every request takes a row or
+    waits), plus a few that take no rows (health, info), so Ray never holds back a request that the replica
+    would have taken. When every replica is full, Ray's proxy holds `max_queue` more and then answers 503 with
+    Retry-After itself. Autoscaling aims at `max_rows` ongoing requests per replica: one full model pass each.
+    `replicas` fixes the count instead.
     """
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,

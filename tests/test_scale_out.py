@@ -313,6 +313,44 @@ def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_
         print(log.read().decode(errors="replace")[-3000:])
 
 
+@needs_ray
+@pytest.mark.slow
+def test_serve_run_with_the_config_file(tiny_five, tmp_path):
+    """`serve run` on deploy/ray/serve.yaml (its builder, app.ray_serve:build_app), made to fit this machine:
+    tiny-five on the CPU, one replica without a GPU, a loopback port. Ctrl-C (SIGINT) takes it down again."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    app["args"].update(model=str(tiny_five), device="cpu", torch_threads=1)
+    del app["args"]["dtype"]
+    deployment = app["deployments"][0]
+    deployment["ray_actor_options"] = {"num_gpus": 0, "num_cpus": 0.5}
+    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    serve_cli = Path(sys.executable).with_name("serve")
+    log = open(tmp_path / "serve.log", "w+b")
+    proc = subprocess.Popen([str(serve_cli), "run", str(tmp_path / "serve.yaml")], cwd=REPO_ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: httpx.get(base + "/health", timeout=2).status_code == 200, 150, proc)
+        model = httpx.get(base + "/v1/model", timeout=TIMEOUT).json()
+        assert model["name"] == "tiny-five" and model["max_rows"] == app["args"]["max_rows"]
+        assert model["max_queue"] == app["args"]["max_queue"]
+        assert httpx.post(base + "/sample", json={"steps": 8}, timeout=TIMEOUT).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(base + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.seek(0)
+        print(log.read().decode(errors="replace")[-3000:])
+
+
 # ---- Ray Serve: two replicas in this process --------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_five):

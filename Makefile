@@ -6,41 +6,57 @@ TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv install serve sample test test-fast lint bench load clean
+.PHONY: venv install browser serve sample test test-fast lint bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
+# The runtime: what `sedd serve` and the other commands need, no test tools.
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build where a CPU one is enough.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.runtime: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+# The test and lint tools (the dev extra) on top of the runtime.
+$(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-venv install: $(VENV)/.installed
+venv install: $(VENV)/.dev
 
-serve: $(VENV)/.installed
+# Headless Chromium for the browser tests, as CI installs it: on Debian as root when it is missing;
+# elsewhere a note, and the browser tests skip with a reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make: no chromium (Debian: apt-get install chromium as root); the browser tests will skip"; \
+	  fi; }
+
+serve: $(VENV)/.runtime
 	$(BIN)/sedd serve --host $(HOST) --port $(PORT)
 
-sample: $(VENV)/.installed
+sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate
 
-test: $(VENV)/.installed
+test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -ra -m "not slow and not browser"
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.dev
 	$(BIN)/ruff check sedd_core app tests
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.runtime
 	$(BIN)/sedd bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # The long load run of docs/reliability.md: 64 streaming clients for 3 minutes on loopback.
-load: $(VENV)/.installed
+load: $(VENV)/.runtime
 	$(BIN)/python scripts/load_test.py --model default --clients 64 --duration 180

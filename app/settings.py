@@ -1,10 +1,13 @@
-"""Server settings, read from SEDD_* environment variables (pydantic-settings).
+"""Server settings, read from SEDD_* environment variables (pydantic-settings). The server passes them
+down as arguments: the library (sedd_core) reads no environment variable itself. An empty variable
+counts as unset.
 
 Defaults suit a demo. SEDD_MAX_ROWS is the GPU memory budget of one model pass: see the memory
 table in docs/deployment.md (16 rows of SEDD-large fit a 24 GB card; the Docker images set 16).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -14,7 +17,7 @@ DEFAULT_MAX_SAMPLES = 16
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SEDD_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="SEDD_", extra="ignore", validate_default=True, env_ignore_empty=True)
 
     model: str = Field("default", description="model source: a folder, 'default', 'oxen:NS/REPO' or 'hf:REPO'")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -34,7 +37,15 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU one "
                                       "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
+    compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
+                                "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")
     log_level: str = Field("info", description="level of the sedd.* loggers")
+    allow_pickle: bool = Field(False, description="let checkpoints that need full unpickling load (runs code from "
+                               "the file: only for files you trust)")
+    cache: Path | None = Field(None, description="where hub sources are downloaded; unset = ~/.cache/sedd")
+    oxen_host: str | None = Field(None, description="Oxen hub host for oxen: sources; unset = hub.oxen.ai")
+    gpt2_vocab: Path | None = Field(None, description="a gpt2.tiktoken file for GPT-2 models, instead of "
+                                    "tiktoken's download")
     replica_id: str | None = Field(None, description="this server's name in the X-Replica-ID header and GET "
                                    "/v1/model; unset = HOST:PID (under Ray Serve: the replica's id)")
     fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
@@ -46,6 +57,14 @@ class Settings(BaseSettings):
         if value is None or str(value).strip().lower() in ("", "auto", "none"):
             return None
         return str(value).strip()
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value):  # FastSEDD's compile argument: None, "freeze" or a torch.compile mode
+        text = "" if value is None else str(value).strip().lower()
+        if text in ("", "0", "false", "no"):
+            return None
+        return "freeze" if text in ("1", "true", "yes") else text
 
     @field_validator("torch_threads", mode="before")
     @classmethod

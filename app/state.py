@@ -108,7 +108,9 @@ def _load_and_warm(settings: Settings) -> LoadedModel:
     if threads is not None:
         torch.set_num_threads(threads)  # before the engine thread makes its first parallel call
     start = time.perf_counter()
-    lm = load(settings.model, device=settings.device, dtype=settings.dtype)
+    lm = load(settings.model, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
+              cache_dir=settings.cache, gpt2_vocab=settings.gpt2_vocab, oxen_host=settings.oxen_host,
+              compile=settings.compile)
     log.info("loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s; %d torch threads", lm.name, lm.source,
              lm.parameters / 1e6, lm.device, str(lm.dtype).removeprefix("torch."), time.perf_counter() - start,
              torch.get_num_threads())
@@ -116,7 +118,7 @@ def _load_and_warm(settings: Settings) -> LoadedModel:
         start = time.perf_counter()
         generate(lm, num_samples=1, steps=1, seed=0)  # one predictor step and the final denoise
         log.info("warm-up generation took %.2f s", time.perf_counter() - start)
-        for bucket, seconds in lm.model.warm_compiled_trunk(settings.max_rows, lm.length):  # SEDD_COMPILE
+        for bucket, seconds in lm.runner.warm(settings.max_rows, lm.length):  # SEDD_COMPILE
             log.info("compiled trunk ready for %d rows x %d positions (%.1f s)", bucket, lm.length, seconds)
     return lm
 

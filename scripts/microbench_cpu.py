@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_core import bench  # noqa: E402
-from sedd_core.loading import load  # noqa: E402
-from sedd_core.model import SEDD, linear_gelu, rotary_qk, rotary_qk_interleaved  # noqa: E402
+from benchmarks import measure, naive, presets, sedd_bench  # noqa: E402
+from sedd_core.fast_model import FastSEDD, linear_gelu, rotary_qk, rotary_qk_interleaved  # noqa: E402
+from sedd_core.loading import LoadedModel, load  # noqa: E402
+from sedd_core.model import SEDD  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -58,8 +59,8 @@ def show(times: dict[str, list[float]], unit: float = 1e3, label: str = "ms") ->
         print(f"  {name:<28} best {min(ts) * unit:9.3f} {label}   median {statistics.median(ts) * unit:9.3f} {label}")
 
 
-def char_default() -> bench.LoadedModel:
-    return bench.synthetic_model("char-default", CPU, torch.float32)
+def char_default() -> LoadedModel:
+    return presets.synthetic_model("char-default", CPU, torch.float32)
 
 
 def noise(args) -> None:
@@ -87,10 +88,10 @@ def matmul_shapes(args) -> None:
 
 
 def dispatch(args) -> None:
-    config = bench.preset_config("char-default")
+    config = presets.preset_config("char-default")
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_size=32, cond_dim=16,
                                                                   n_heads=1, length=8))
-    model = SEDD(small).eval()
+    model = FastSEDD(SEDD(small).eval())
     x, sigma, index = torch.randint(0, 98, (1, 8)), torch.tensor([0.7]), torch.arange(4)
     with torch.inference_mode():
         show(interleaved({"log_score_at_index, hidden 32": lambda: model.log_score_at_index(x, sigma, index)},
@@ -114,10 +115,10 @@ def profile(args) -> None:
     out = torch.empty(index.numel(), lm.config.vocab_size)
     with torch.inference_mode():
         for _ in range(2):
-            lm.model.log_score_at_index(x, sigma, index, out=out)
+            lm.runner.log_score_at_index(x, sigma, index, out=out)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                lm.model.log_score_at_index(x, sigma, index, out=out)
+                lm.runner.log_score_at_index(x, sigma, index, out=out)
     groups = {"matmuls": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
               "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
     events = prof.key_averages()
@@ -132,13 +133,13 @@ def profile(args) -> None:
 
 def last_block(args) -> None:
     lm = char_default()
-    model, block = lm.model, lm.model.blocks[-1]
+    model, block = lm.runner, lm.runner.blocks[-1]
     x, index = _masked_input(lm, 1, 8)
     sigma = torch.tensor([0.7])
     with torch.inference_mode():
         hidden = torch.randn(1, lm.length, lm.config.model.hidden_size)
-        c = F.silu(model.sigma_map(sigma))
-        rotary = (*model.rotary_emb(lm.length, CPU), model.rotary_emb.polar(lm.length, CPU))
+        c = F.silu(lm.model.sigma_map(sigma))
+        rotary = (*lm.model.rotary_emb(lm.length, CPU), model._polar_table(lm.length, CPU))
 
         def at_eight():
             mod, attended = block.attention_half(hidden, rotary, c)
@@ -155,7 +156,7 @@ def last_block(args) -> None:
 def rotary(args) -> None:
     lm = char_default()
     cos, sin = lm.model.rotary_emb(lm.length, CPU)
-    polar = lm.model.rotary_emb.polar(lm.length, CPU)
+    polar = torch.complex(cos, sin)
     heads = lm.config.model.n_heads
     for rows in (1, 32):
         qkv = torch.randn(rows, lm.length, 3, heads, lm.config.model.hidden_size // heads)
@@ -192,37 +193,36 @@ def _seconds(fn: Callable[[torch.Tensor], object], arg: torch.Tensor) -> float:
 def masked_fraction(args) -> None:
     for name, lm in (("char-default, random weights", char_default()),
                      (f"{args.model}, trained", load(args.model, device=CPU, dtype=torch.float32))):
-        _, positions, passes = bench.run_ours(lm, 1, 128, lm.length, seed=3)
+        _, positions, passes = sedd_bench.run_ours(lm, 1, 128, lm.length, seed=3)
         print(f"  {name:<30} {positions / passes / lm.length:.1%} of positions masked per pass on average")
 
 
 def compile_trunk(args) -> None:
     eager, compiled = char_default(), char_default()
-    compiled.model.use_compiled_trunk(True)
+    compiled.runner = FastSEDD(compiled.model, compile="freeze")
     x = torch.randint(0, eager.mask_id, (args.rows, eager.length))
     sigma = torch.full((args.rows,), 0.7)
     with torch.inference_mode():
         start = time.perf_counter()
-        compiled.model.trunk(x, sigma)
+        compiled.runner._head(x, sigma)
         print(f"  compiled {args.rows} rows in {time.perf_counter() - start:.1f} s")
-        show(interleaved({"eager trunk": lambda: eager.model.trunk(x, sigma),
-                          "compiled trunk (freezing)": lambda: compiled.model.trunk(x, sigma)},
+        show(interleaved({"eager trunk": lambda: eager.runner._head(x, sigma),
+                          "compiled trunk (freezing)": lambda: compiled.runner._head(x, sigma)},
                          max(10, args.repeats * 20 // args.rows)))
 
 
 def request_ab(args) -> None:
     eager = load(args.model, device=CPU, dtype=torch.float32)
-    compiled = load(args.model, device=CPU, dtype=torch.float32)
-    compiled.model.use_compiled_trunk(True)
-    bench.run_ours(compiled, 1, 2, compiled.length)
+    compiled = load(args.model, device=CPU, dtype=torch.float32, compile="freeze")
+    sedd_bench.run_ours(compiled, 1, 2, compiled.length)
 
-    def naive():
-        bench.naive_generate(eager.model, eager.graph, eager.noise, 1, eager.length, 128,
-                             torch.Generator().manual_seed(0), bench.authors_forward)
+    def naive_loop():
+        naive.naive_generate(eager.model, eager.graph, eager.noise, 1, eager.length, 128,
+                             torch.Generator().manual_seed(0), naive.authors_forward)
 
-    times = interleaved({"eager": lambda: bench.run_ours(eager, 1, 128, eager.length),
-                         "compiled": lambda: bench.run_ours(compiled, 1, 128, compiled.length),
-                         "naive": naive}, args.repeats, warmup=1)
+    times = interleaved({"eager": lambda: sedd_bench.run_ours(eager, 1, 128, eager.length),
+                         "compiled": lambda: sedd_bench.run_ours(compiled, 1, 128, compiled.length),
+                         "naive": naive_loop}, args.repeats, warmup=1)
     show(times, 1, "s")
     for name in ("eager", "compiled"):
         paired = statistics.median(n / o for n, o in zip(times["naive"], times[name]))
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {bench.device_name(CPU)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {measure.device_name(CPU)}")
     for name in SECTIONS if "all" in args.sections else args.sections:
         print(f"\n{name}")
         SECTIONS[name](args)

@@ -1,8 +1,13 @@
-"""The `sedd` command: sample, infill, info, serve, train, data, bench."""
+"""The `sedd` command: sample, infill, info, serve, train, data, bench.
+
+With app/settings.py, the only reader of SEDD_* environment variables: it turns them into arguments of
+the library (`load_options`) or into the server's `Settings`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -30,19 +35,47 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_source(args) -> str:
-    import os
-
     return args.model or os.environ.get("SEDD_MODEL") or "default"
 
 
-def _run_generation(args, prefix: str = "", suffix: str = "") -> int:
-    from . import generation as gen
+def _switch(value: str | None) -> bool | str:
+    """SEDD_COMPILE and SEDD_ALLOW_PICKLE: 1/true/yes on, unset/0/false/no off, any other text as given."""
+    lowered = (value or "").strip().lower()
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    return True if lowered in ("1", "true", "yes", "on") else value.strip()
+
+
+def load_options() -> dict:
+    """Keyword arguments of `sedd_core.load` from SEDD_ALLOW_PICKLE, SEDD_CACHE, SEDD_GPT2_VOCAB,
+    SEDD_OXEN_HOST and SEDD_COMPILE (what the server reads through its Settings)."""
+    env = os.environ
+    return {"allow_pickle": _switch(env.get("SEDD_ALLOW_PICKLE")) is True, "cache_dir": env.get("SEDD_CACHE") or None,
+            "gpt2_vocab": env.get("SEDD_GPT2_VOCAB") or None, "oxen_host": env.get("SEDD_OXEN_HOST") or None,
+            "compile": _compile_mode(_switch(env.get("SEDD_COMPILE")))}
+
+
+def _compile_mode(switch: bool | str) -> str | None:
+    """FastSEDD's compile argument from the switch: on = "freeze" (Inductor, weights frozen in)."""
+    if switch is False:
+        return None
+    return "freeze" if switch is True else switch
+
+
+def load_model(args):
+    """The model named by --model (or SEDD_MODEL), on --device as --dtype, with the SEDD_* load options."""
     from .loading import load
 
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    return load(_model_source(args), device=args.device, dtype=args.dtype, **load_options())
+
+
+def _run_generation(args, prefix: str = "", suffix: str = "", segments: list | None = None) -> int:
+    from . import generation as gen
+
+    lm = load_model(args)
     seed = gen.new_seed() if args.seed is None else args.seed
     job = gen.make_job(lm, num_samples=args.num_samples, steps=args.steps, length=args.length,
-                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix)
+                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix, segments=segments)
     start = time.perf_counter()
     with tqdm(total=args.steps + 1, desc="denoising", unit="step", file=sys.stderr) as bar:
         for state in gen.iterate(lm, job):
@@ -67,13 +100,23 @@ def cmd_sample(args) -> int:
 
 
 def cmd_infill(args) -> int:
-    return _run_generation(args, prefix=args.prefix, suffix=args.suffix)
+    segments = None
+    if args.segments is not None:
+        from .generation import GenerationError
+
+        try:
+            segments = json.loads(args.segments)
+        except json.JSONDecodeError as exc:
+            raise GenerationError(f"--segments is not valid JSON ({exc.msg} at character {exc.pos}); write a "
+                                  "list such as '[\"ROMEO. \", 40, \".\\n\"]'") from None
+        if not isinstance(segments, list):
+            raise GenerationError(f"--segments must be a JSON list of strings and integers, got "
+                                  f"{type(segments).__name__}")
+    return _run_generation(args, prefix=args.prefix, suffix=args.suffix, segments=segments)
 
 
 def cmd_info(args) -> int:
-    from .loading import load
-
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     info = {
         "source": lm.source, "folder": str(lm.path.resolve()), "layout": lm.layout, "name": lm.name,
         "config": lm.config.to_dict(), "tokenizer": lm.tokenizer.name, "vocab_size": lm.config.vocab_size,
@@ -88,22 +131,28 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     if args.ray:
         return _serve_with_ray(args)
     if args.replicas is not None:
         print("sedd: error: --replicas needs --ray (one server process serves one device; docs/scale-out.md)",
               file=sys.stderr)
         return 2
-    import uvicorn
 
-    for flag, env in (("model", "SEDD_MODEL"), ("device", "SEDD_DEVICE"), ("dtype", "SEDD_DTYPE")):
-        if getattr(args, flag):
-            os.environ[env] = getattr(args, flag)
-    # `app` is the server package beside sedd_core; the library itself never imports it.
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
+    import uvicorn
+    from pydantic import ValidationError
+
+    # `app` is the server package beside sedd_core; only this command imports it, the library never does.
+    from app.main import create_app
+    from app.settings import Settings
+
+    flags = {name: getattr(args, name) for name in ("model", "device", "dtype") if getattr(args, name)}
+    try:
+        settings = Settings(**flags)  # the flags over SEDD_* variables
+    except ValidationError as exc:
+        print(f"sedd: error: invalid server settings (SEDD_* variables): {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_timeout)
     return 0
 
 
@@ -134,10 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("infill", help="fill the middle between a fixed prefix and suffix")
+    p = sub.add_parser("infill", help="fill the middle between a fixed prefix and suffix, or the gaps of --segments")
     _add_generation_args(p)
     p.add_argument("--prefix", default="", help="text fixed at the start")
     p.add_argument("--suffix", default="", help="text fixed at the end")
+    p.add_argument("--segments", default=None, help="the whole canvas as a JSON list: strings are kept exactly, "
+                                                    "integers are gaps of that many tokens, e.g. "
+                                                    "'[\"ROMEO. \", 40, \".\\n\"]' (not with --prefix/--suffix/--length)")
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("info", help="show the resolved model folder, config, tokenizer and size")
@@ -157,13 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "and device (default 1)")
     p.set_defaults(func=cmd_serve)
 
-    for module in ("training.cli", "data", "bench", "evaluate"):
+    for module in ("training.cli", "data", "evaluate"):
         try:
             mod = __import__(f"sedd_core.{module}", fromlist=["add_cli"])
         except ModuleNotFoundError:
             continue
         mod.add_cli(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    """`sedd bench` lives in the `benchmarks` package beside the library (installed with it); it is
+    imported only here, when the command line is built, so that the library never depends on it."""
+    try:
+        from benchmarks.sedd_bench import add_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks":
+            raise
+        return
+    add_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

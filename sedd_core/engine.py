@@ -1,4 +1,4 @@
-"""Continuous batching at the denoising-step level. No HTTP here.
+"""Continuous batching at the denoising-step level. No HTTP, no text here.
 
 A request is data: a `Job` (tokens, fixed positions, its own time grid, predictor
 and generator) plus how often it wants progress. One worker thread owns the
@@ -11,9 +11,11 @@ pass: most traffic uses the model's full length, grouped passes stay dense (no
 padded FLOPs, no attention mask that would push SDPA off its fast kernels), and a
 row's result never depends on its neighbours' lengths.
 
-Callers get an async iterator of events: `step` every `stream_every` steps, then
-`done` (or `error`). A failure in a pass fails only the requests of that pass;
-a CUDA out-of-memory error is retried request by request before anything fails.
+The engine emits typed records of token ids, never text (decoding and response
+shapes belong to the caller, off the device thread): a `StepOutput` every
+`stream_every` steps, then one `FinalOutput` or `ErrorOutput`. A failure in a pass
+fails only the requests of that pass; a CUDA out-of-memory error is retried
+request by request before anything fails.
 """
 from __future__ import annotations
 
@@ -25,11 +27,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Literal, Protocol
 
 import torch
 
-from .generation import decode_rows, token_pieces
 from .loading import LoadedModel
 from .sampling import Job, denoising_step
 
@@ -44,33 +45,68 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down and admits no new requests."""
 
 
-@dataclass
-class Event:
-    """`step`: progress; `done`: the final texts; `error`: what went wrong (`error`, a sentence) and why it
-    ended (`outcome`: "error" for a failed pass, "shutdown" when the engine stopped first). JSON-ready."""
+@dataclass(frozen=True)
+class StepOutput:
+    """Progress of one submission after `step` of its `steps` predictor steps."""
 
-    type: str
-    data: dict[str, Any]
+    request_id: int
+    step: int
+    steps: int
+    t: float  # diffusion time reached
+    tokens: torch.Tensor  # long (rows, length) on the CPU: the canvas, masks included
+    masks_left: tuple[int, ...]  # per row, positions still masked (always 0 under the uniform graph)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queued_s: float  # submission to admission
+    run_s: float  # admission to the last step
+    total_s: float  # submission to the last step
+
+
+@dataclass(frozen=True)
+class FinalOutput:
+    """The finished canvas of one submission."""
+
+    request_id: int
+    tokens: torch.Tensor  # long (rows, length) on the CPU
+    timing: Timing
+
+
+Outcome = Literal["error", "shutdown", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ErrorOutput:
+    """Why a submission ended without a result: `error` (its pass failed), `shutdown` (the engine stopped
+    first) or `cancelled` (its reader cancelled it)."""
+
+    request_id: int
+    message: str
+    outcome: Outcome
+
+
+EngineOutput = StepOutput | FinalOutput | ErrorOutput
 
 
 class EngineObserver(Protocol):
     def on_pass(self, rows: int, seconds: float, positions: int) -> None: ...
 
     def on_request_end(self, outcome: str, samples: int, tokens: int, seconds: float) -> None:
-        """`tokens`: positions the request generated (its prompt excluded)."""
+        """`tokens`: positions the request generated (its fixed positions excluded)."""
 
 
-@dataclass(eq=False)  # a request is an identity: field-wise == would compare token tensors
-class Request:
+@dataclass(eq=False)  # a submission is an identity: field-wise == would compare token tensors
+class Submission:
+    """One job in the engine, as its reader sees it: records arrive on `outputs`, the last one final."""
+
     job: Job
     stream_every: int
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
     id: int
+    outputs: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
-    first_event: float | None = None
-    pieces: bool = False  # per-position strings in step events, for displays
     cancelled: bool = False
     finished: bool = False
 
@@ -78,12 +114,12 @@ class Request:
         """Leave the batch before the next step (safe from any thread)."""
         self.cancelled = True
 
-    async def events(self):
-        while True:
-            event = await self.queue.get()
-            yield event
-            if event.type in ("done", "error"):
-                return
+    async def next_outputs(self) -> list[EngineOutput]:
+        """Every record that has arrived, in order; waits for the first."""
+        records = [await self.outputs.get()]
+        while not self.outputs.empty():
+            records.append(self.outputs.get_nowait())
+        return records
 
 
 class Engine:
@@ -94,14 +130,13 @@ class Engine:
         self.max_queue = max_queue
         self.observer = observer
         self.fault_injector: Callable[[Sequence[Job]], None] | None = None  # tests raise from here
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._waiting: deque[Submission] = deque()
+        self._running: list[Submission] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._closing = False
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="sedd-engine", daemon=True)
-        self.passes = 0
 
     # ---- public API (event-loop side) -------------------------------------------------
     def start(self) -> Engine:
@@ -125,7 +160,9 @@ class Engine:
     def accepting(self) -> bool:
         return not self._closing
 
-    def submit(self, job: Job, stream_every: int = 1, pieces: bool = False) -> Request:
+    def submit(self, job: Job, stream_every: int = 1) -> Submission:
+        """Queue `job`; its reader gets a `StepOutput` every `stream_every` steps (none when that exceeds the
+        job's steps), then one `FinalOutput` or `ErrorOutput`."""
         if job.rows > self.max_rows:
             raise ValueError(f"a request may have at most {self.max_rows} samples (rows per pass); got {job.rows}")
         loop = asyncio.get_running_loop()
@@ -134,11 +171,10 @@ class Engine:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (the limit); retry shortly")
-            request = Request(job=job, stream_every=max(1, stream_every), loop=loop, queue=asyncio.Queue(),
-                              id=next(self._ids), pieces=pieces)
-            self._waiting.append(request)
+            submission = Submission(job=job, stream_every=max(1, stream_every), loop=loop, id=next(self._ids))
+            self._waiting.append(submission)
             self._cond.notify()
-        return request
+        return submission
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting; let running and waiting requests finish for up to `timeout` s, then fail the rest."""
@@ -156,8 +192,8 @@ class Engine:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        for request in list(self._waiting) + self._running:
-            self._fail(request, "the server shut down before this request finished", "shutdown")
+        for submission in list(self._waiting) + self._running:
+            self._fail(submission, "the server shut down before this request finished", "shutdown")
         self._waiting.clear()
         self._running.clear()
 
@@ -176,108 +212,95 @@ class Engine:
                 self._step()
 
     def _retire_cancelled(self) -> None:
-        for request in [r for r in self._running if r.cancelled]:
-            self._running.remove(request)
-            self._end(request, "cancelled")
-        for request in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(request)
-            self._end(request, "cancelled")
+        for submission in [r for r in self._running if r.cancelled]:
+            self._running.remove(submission)
+            self._fail(submission, "the request was cancelled", "cancelled")
+        for submission in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(submission)
+            self._fail(submission, "the request was cancelled", "cancelled")
 
     def _admit(self) -> None:
         rows = self.running_rows
         while self._waiting and rows + self._waiting[0].job.rows <= self.max_rows:
-            request = self._waiting.popleft()
-            request.started = time.perf_counter()
-            self._running.append(request)
-            rows += request.job.rows
+            submission = self._waiting.popleft()
+            submission.started = time.perf_counter()
+            self._running.append(submission)
+            rows += submission.job.rows
 
     def _step(self) -> None:
-        by_length: dict[int, list[Request]] = {}
-        for request in self._running:
-            by_length.setdefault(request.job.length, []).append(request)
+        by_length: dict[int, list[Submission]] = {}
+        for submission in self._running:
+            by_length.setdefault(submission.job.length, []).append(submission)
         for group in by_length.values():
             self._run_pass(group)
-        for request in list(self._running):
-            if request.finished:
-                self._running.remove(request)
-            elif request.job.done:
-                self._running.remove(request)
-                self._finish(request)
-            elif request.job.step_index % request.stream_every == 0:
-                self._emit_step(request)
+        for submission in list(self._running):
+            if submission.finished:
+                self._running.remove(submission)
+            elif submission.job.done:
+                self._running.remove(submission)
+                self._finish(submission)
+            elif submission.job.step_index % submission.stream_every == 0:
+                self._emit_step(submission)
 
-    def _run_pass(self, group: list[Request]) -> None:
+    def _run_pass(self, group: list[Submission]) -> None:
         jobs = [r.job for r in group]
         start = time.perf_counter()
         try:
             if self.fault_injector is not None:
                 self.fault_injector(jobs)
-            positions = denoising_step(self.lm.model, self.lm.graph, self.lm.noise, jobs)
+            positions = denoising_step(self.lm.runner, self.lm.graph, self.lm.noise, jobs)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(group) > 1:
                 log.warning("out of GPU memory on a pass of %d requests; retrying them one by one", len(group))
-                for request in group:
-                    self._run_pass([request])
+                for submission in group:
+                    self._run_pass([submission])
             else:
                 self._fail(group[0], "out of GPU memory for this request; ask for fewer samples or a shorter length",
                            "error")
             return
         except Exception as exc:  # contained: only this pass's requests fail
             log.exception("denoising pass failed")
-            for request in group:
-                self._fail(request, f"generation failed: {exc.__class__.__name__}: {exc}", "error")
+            for submission in group:
+                self._fail(submission, f"generation failed: {exc.__class__.__name__}: {exc}", "error")
             return
-        self.passes += 1
         if self.observer is not None:
             self.observer.on_pass(sum(j.rows for j in jobs), time.perf_counter() - start, positions)
 
-    # ---- events -------------------------------------------------------------------------
-    def _send(self, request: Request, event: Event) -> None:
-        if request.first_event is None:
-            request.first_event = time.perf_counter()
+    # ---- records ------------------------------------------------------------------------
+    def _send(self, submission: Submission, record: EngineOutput) -> None:
         try:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, event)
-        except RuntimeError:  # the caller's loop is gone
-            request.cancelled = True
+            submission.loop.call_soon_threadsafe(submission.outputs.put_nowait, record)
+        except RuntimeError:  # the reader's loop is gone
+            submission.cancelled = True
 
-    def _emit_step(self, request: Request) -> None:
-        job = request.job
-        mask_id = self.lm.mask_id
-        masks_left = (job.x == mask_id).sum(dim=1).tolist() if mask_id is not None else [0] * job.rows
-        texts = decode_rows(self.lm, job.x, placeholder=True)
-        samples = [{"text": text, "masks_left": left} for text, left in zip(texts, masks_left)]
-        data = {"step": job.step_index, "steps": job.steps, "t": job.current_t(), "samples": samples}
-        if request.pieces:
-            for sample, row in zip(samples, job.x.tolist()):
-                sample["pieces"] = token_pieces(self.lm, row)
-            data.update(prefix_tokens=job.prefix_len, suffix_tokens=job.suffix_len)
-        self._send(request, Event("step", data))
+    def _emit_step(self, submission: Submission) -> None:
+        job = submission.job
+        self._send(submission, StepOutput(submission.id, job.step_index, job.steps, job.current_t(), _on_cpu(job.x),
+                                       tuple(job.masks_left.tolist())))
 
-    def _finish(self, request: Request) -> None:
-        job = request.job
+    def _finish(self, submission: Submission) -> None:
         now = time.perf_counter()
-        texts = decode_rows(self.lm, job.x)
-        self._send(request, Event("done", {
-            "samples": [{"text": text} for text in texts],
-            "tokens": job.x.tolist(),
-            "timing": {"queued_s": round(request.started - request.submitted, 4),
-                       "run_s": round(now - request.started, 4), "total_s": round(now - request.submitted, 4)},
-        }))
-        request.finished = True
-        self._end(request, "ok")
+        timing = Timing(queued_s=submission.started - submission.submitted, run_s=now - submission.started,
+                        total_s=now - submission.submitted)
+        self._send(submission, FinalOutput(submission.id, _on_cpu(submission.job.x), timing))
+        self._end(submission, "ok")
 
-    def _fail(self, request: Request, message: str, outcome: str) -> None:
-        if request.finished:
+    def _fail(self, submission: Submission, message: str, outcome: Outcome) -> None:
+        if submission.finished:
             return
-        self._send(request, Event("error", {"error": message, "outcome": outcome}))
-        request.finished = True
-        self._end(request, outcome)
+        self._send(submission, ErrorOutput(submission.id, message, outcome))
+        self._end(submission, outcome)
 
-    def _end(self, request: Request, outcome: str) -> None:
-        request.finished = True
+    def _end(self, submission: Submission, outcome: str) -> None:
+        submission.finished = True
         if self.observer is not None:
-            seconds = time.perf_counter() - request.submitted
-            job = request.job
-            generated = job.rows * (job.length - job.prefix_len - job.suffix_len)
-            self.observer.on_request_end(outcome, job.rows, generated, seconds)
+            seconds = time.perf_counter() - submission.submitted
+            job = submission.job
+            fixed = int(job.fixed.sum()) if job.fixed is not None else 0
+            self.observer.on_request_end(outcome, job.rows, job.rows * (job.length - fixed), seconds)
+
+
+def _on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the canvas that no later step writes to."""
+    return x.to("cpu", copy=True)

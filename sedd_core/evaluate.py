@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .loading import LoadedModel, load
+from .loading import LoadedModel
 from .losses import score_entropy_loss
 
 
@@ -24,6 +24,29 @@ def evenly_spaced_windows(ids: torch.Tensor, length: int, count: int) -> torch.T
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the model's length {length}")
     starts = torch.linspace(0, len(ids) - length, count).long()
     return ids[starts[:, None] + torch.arange(length)]
+
+
+@torch.inference_mode()
+def elbo_draws(model, graph, noise, ids: torch.Tensor, samples: int, seed: int = 0, batch_size: int = 64,
+               progress=None) -> torch.Tensor:
+    """(W, samples) draws of the bound, in nats, for the windows `ids` (W, L) of the model's length;
+    the model runs in eval mode and is put back in its mode afterwards. (The interface of the shared
+    estimator the "scoring" branch brings; this stand-in keeps the trainer's use working until then.)"""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    draws = []
+    training = model.training
+    model.eval()
+    try:
+        for _ in range(samples):
+            for start in range(0, len(ids), batch_size):
+                x0 = ids[start:start + batch_size].to(device)
+                draws.append(score_entropy_loss(model, graph, noise, x0, generator=generator).double().cpu())
+                if progress is not None:
+                    progress(len(x0))
+    finally:
+        model.train(training)
+    return torch.cat(draws).reshape(samples, len(ids)).T
 
 
 @torch.inference_mode()
@@ -44,9 +67,9 @@ def held_out_bits(lm: LoadedModel, text: str, windows: int = 256, batch_size: in
 
 
 def cmd_eval(args) -> int:
-    from .cli import _model_source
+    from .cli import load_model
 
-    lm = load(_model_source(args), device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     result = held_out_bits(lm, Path(args.data).read_text(), args.windows, args.batch_size, args.repeats, args.seed)
     result.update(model=lm.name, source=lm.source, data=str(args.data), tokenizer=lm.tokenizer.name)
     if args.json:

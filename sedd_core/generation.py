@@ -6,11 +6,12 @@ validate input and lay out prompts in one place.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .canvas import SegmentError, lay_out
 from .loading import LoadedModel
 from .sampling import PREDICTORS, Job, denoising_step
 from .tokenizers import MASK_PLACEHOLDER, render
@@ -65,29 +66,34 @@ def make_canvas(lm: LoadedModel, length: int | None, prefix: str = "", suffix: s
 
 
 def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
-             predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "") -> Job:
+             predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "",
+             segments: Sequence[str | int] | None = None) -> Job:
+    """A job for `segments` (kept text and gaps, see `sedd_core.canvas`), or for `[prefix, gap, suffix]` on a
+    canvas of `length` tokens: the shorthand. `job.gaps` holds the token positions of the gaps."""
     if predictor not in PREDICTORS:
         raise GenerationError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     if steps < 1:
         raise GenerationError(f"steps must be at least 1, got {steps}")
     if num_samples < 1:
         raise GenerationError(f"num_samples must be at least 1, got {num_samples}")
-    canvas = make_canvas(lm, length, prefix, suffix)
+    if segments is not None:
+        if prefix or suffix or length is not None:
+            raise GenerationError("give either segments or prefix/suffix/length, not both: segments describe the "
+                                  "whole canvas")
+    else:
+        canvas = make_canvas(lm, length, prefix, suffix)
+        segments = [prefix, canvas.free, suffix]
+    try:
+        layout = lay_out(lm.tokenizer, segments, lm.length)
+    except SegmentError as exc:
+        raise GenerationError(str(exc)) from None
     generator = torch.Generator(device=lm.device)
     generator.manual_seed(new_seed() if seed is None else int(seed))
-    x = lm.graph.sample_limit(num_samples, canvas.length, device=lm.device, generator=generator)
-    fixed = torch.zeros(canvas.length, dtype=torch.bool, device=lm.device)
-    fixed_tokens = torch.zeros(canvas.length, dtype=torch.long, device=lm.device)
-    n_prefix, n_suffix = len(canvas.prefix_ids), len(canvas.suffix_ids)
-    if n_prefix:
-        fixed[:n_prefix] = True
-        fixed_tokens[:n_prefix] = torch.tensor(canvas.prefix_ids, device=lm.device)
-    if n_suffix:
-        fixed[canvas.length - n_suffix:] = True
-        fixed_tokens[canvas.length - n_suffix:] = torch.tensor(canvas.suffix_ids, device=lm.device)
+    x = lm.graph.sample_limit(num_samples, layout.length, device=lm.device, generator=generator)
+    fixed = torch.tensor(layout.fixed, dtype=torch.bool, device=lm.device)
+    fixed_tokens = torch.tensor(layout.tokens, dtype=torch.long, device=lm.device)
     job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
-              fixed=fixed if (n_prefix or n_suffix) else None, fixed_tokens=fixed_tokens,
-              prefix_len=n_prefix, suffix_len=n_suffix)
+              fixed=fixed if any(layout.fixed) else None, fixed_tokens=fixed_tokens, gaps=layout.gaps)
     job.project()
     return job
 
@@ -95,7 +101,7 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
 def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:
     """Run a job step by step on its own, yielding it after each step (the last yield is the final state)."""
     while not job.done:
-        denoising_step(lm.model, lm.graph, lm.noise, [job])
+        denoising_step(lm.runner, lm.graph, lm.noise, [job])
         yield job
 
 
@@ -113,10 +119,10 @@ def token_pieces(lm: LoadedModel, row: list[int]) -> list[str]:
 
 def generate(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
              predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "",
-             callback: Callable[[Job], None] | None = None) -> list[str]:
-    """Texts of `num_samples` samples; with prefix/suffix, an infill that keeps both exactly."""
+             segments: Sequence[str | int] | None = None, callback: Callable[[Job], None] | None = None) -> list[str]:
+    """Texts of `num_samples` samples; with prefix/suffix or segments, an infill that keeps the text exactly."""
     job = make_job(lm, num_samples=num_samples, steps=steps, length=length, predictor=predictor, seed=seed,
-                   prefix=prefix, suffix=suffix)
+                   prefix=prefix, suffix=suffix, segments=segments)
     for state in iterate(lm, job):
         if callback is not None:
             callback(state)

@@ -2,25 +2,26 @@
 
 A download goes to a temporary folder beside its destination and is renamed into
 place only when complete, so a failed download never leaves a folder that a later
-start would mistake for a model.
+start would mistake for a model. The cache folder and the Oxen host are arguments
+(the server and the CLI take them from SEDD_CACHE and SEDD_OXEN_HOST).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-OXEN_HOST = os.environ.get("SEDD_OXEN_HOST", "hub.oxen.ai")
+from .files import atomic_folder
+
+OXEN_HOST = "hub.oxen.ai"
 
 
 class HubError(RuntimeError):
     """A hub source could not be fetched; the message says why and what to do."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SEDD_CACHE") or Path.home() / ".cache" / "sedd")
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sedd"
 
 
 def _split_repo(spec: str, scheme: str) -> tuple[str, str]:
@@ -30,30 +31,11 @@ def _split_repo(spec: str, scheme: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _download_atomically(dest: Path, fetch) -> Path:
-    """Run fetch(tmp_folder) and move the result to dest; nothing is left at dest on failure."""
-    if dest.is_dir():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        fetch(tmp)
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if dest.is_dir():  # another process (a second replica on the same volume) finished first
-            return dest
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
-    """Clone an Oxen repository (e.g. models/SEDD-large) into the cache, once."""
+def fetch_oxen(spec: str, host: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Clone an Oxen repository (e.g. models/SEDD-large) into `cache_dir`/oxen, once."""
     namespace, name = _split_repo(spec, "oxen")
-    dest = cache_dir() / "oxen" / namespace / name
+    host = host or OXEN_HOST
+    dest = Path(cache_dir or default_cache_dir()) / "oxen" / namespace / name
     if dest.is_dir():
         return dest
     try:
@@ -77,10 +59,10 @@ def fetch_oxen(spec: str, host: str = OXEN_HOST) -> Path:
         target.rmdir()
         print(f"sedd: cloned oxen:{namespace}/{name}", file=sys.stderr, flush=True)
 
-    return _download_atomically(dest, clone)
+    return atomic_folder(dest, clone)
 
 
-def fetch_hf(repo_id: str) -> Path:
+def fetch_hf(repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Download a Hugging Face model repository (e.g. louaaron/sedd-medium) with huggingface_hub."""
     namespace, name = _split_repo(repo_id, "hf")
     try:
@@ -91,7 +73,7 @@ def fetch_hf(repo_id: str) -> Path:
         return Path(
             snapshot_download(
                 f"{namespace}/{name}",
-                cache_dir=str(cache_dir() / "hf"),
+                cache_dir=str(Path(cache_dir or default_cache_dir()) / "hf"),
                 allow_patterns=["*.json", "*.safetensors", "*.bin", "*.yaml", "*.tiktoken"],
             )
         )

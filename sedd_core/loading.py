@@ -21,6 +21,7 @@ import yaml
 
 from . import hub
 from .config import ConfigError, SEDDConfig
+from .fast_model import COMPILE_MODES, FastSEDD
 from .graph import Graph, graph_from_config
 from .model import SEDD
 from .noise import Noise, noise_from_config
@@ -37,6 +38,10 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
+    """A network with what sampling needs around it. `model` is the plain network (training, state dicts);
+    `runner` is what the sampler calls, the same function: a `FastSEDD` over `model` unless loaded with
+    fast=False, then `model` itself."""
+
     model: SEDD
     graph: Graph
     noise: Noise
@@ -47,6 +52,11 @@ class LoadedModel:
     path: Path
     source: str
     layout: str
+    runner: SEDD | FastSEDD | None = None  # None: a FastSEDD over `model`
+
+    def __post_init__(self):
+        if self.runner is None:
+            self.runner = FastSEDD(self.model)
 
     @property
     def name(self) -> str:
@@ -84,15 +94,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
-    """A local folder for `source`, downloading hub sources into the cache first."""
+def resolve_source(source: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
+                   oxen_host: str | None = None) -> tuple[Path, str]:
+    """A local folder for `source`, downloading hub sources into `cache_dir` (default ~/.cache/sedd) first."""
     text = str(source) if source is not None else "default"
     if text == "default":
         return DEFAULT_MODEL_DIR, text
     if text.startswith("oxen:"):
-        return hub.fetch_oxen(text[len("oxen:"):]), text
+        return hub.fetch_oxen(text[len("oxen:"):], host=oxen_host, cache_dir=cache_dir), text
     if text.startswith("hf:"):
-        return hub.fetch_hf(text[len("hf:"):]), text
+        return hub.fetch_hf(text[len("hf:"):], cache_dir=cache_dir), text
     path = Path(text).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -136,16 +147,12 @@ def read_config(config_file: Path) -> SEDDConfig:
         raise CheckpointError(f"{config_file}: {exc}") from exc
 
 
-def allow_pickle_default() -> bool:
-    return os.environ.get("SEDD_ALLOW_PICKLE", "").lower() in ("1", "true", "yes")
-
-
-def torch_load(path: Path, allow_pickle: bool | None = None) -> Any:
+def torch_load(path: Path, allow_pickle: bool = False) -> Any:
     """torch.load with weights_only=True; arbitrary pickles only where the operator opted in."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if allow_pickle if allow_pickle is not None else allow_pickle_default():
+        if allow_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors, which weights_only loading refuses "
@@ -154,7 +161,7 @@ def torch_load(path: Path, allow_pickle: bool | None = None) -> Any:
         ) from exc
 
 
-def read_state_dict(layout: str, weights: Path, allow_pickle: bool | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(layout: str, weights: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -232,7 +239,7 @@ def build_model(config: SEDDConfig, state: Mapping[str, torch.Tensor], device: t
 
 
 def load_network(path: Path, device: torch.device, dtype: torch.dtype,
-                 allow_pickle: bool | None = None) -> tuple[SEDD, SEDDConfig, str]:
+                 allow_pickle: bool = False) -> tuple[SEDD, SEDDConfig, str]:
     """The network of a local model folder, without its tokenizer: (model, config, layout)."""
     layout, config_file, weights = detect_layout(path)
     config = read_config(config_file)
@@ -241,14 +248,25 @@ def load_network(path: Path, device: torch.device, dtype: torch.dtype,
 
 
 def load(source: str | os.PathLike | None = "default", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, allow_pickle: bool | None = None) -> LoadedModel:
-    """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source."""
-    path, source_text = resolve_source(source)
+         dtype: str | torch.dtype | None = None, *, allow_pickle: bool = False,
+         cache_dir: str | os.PathLike | None = None, gpt2_vocab: str | os.PathLike | None = None,
+         oxen_host: str | None = None, fast: bool = True, compile: str | None = None) -> LoadedModel:
+    """Load a SEDD model, its graph, noise schedule and tokenizer from any supported source.
+
+    allow_pickle: load checkpoints that need full unpickling (runs code from the file: trusted files only).
+    cache_dir: where hub sources are downloaded (default ~/.cache/sedd); oxen_host: the Oxen hub (default
+    hub.oxen.ai); gpt2_vocab: a gpt2.tiktoken file for GPT-2 models whose folder has none.
+    fast=False samples through the plain network (`model.SEDD`) instead of `fast_model.FastSEDD`;
+    compile is FastSEDD's (None, "freeze" or a torch.compile mode)."""
+    if compile is not None and (not fast or compile not in COMPILE_MODES):
+        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)}")
+    path, source_text = resolve_source(source, cache_dir, oxen_host)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model, config, layout = load_network(path, device, dtype, allow_pickle)
-    tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer)
+    tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer, gpt2_vocab)
+    runner = FastSEDD(model, compile=compile) if fast else model
     return LoadedModel(
         model=model, graph=graph_from_config(config), noise=noise_from_config(config), tokenizer=tokenizer,
-        config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout,
+        config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout, runner=runner,
     )

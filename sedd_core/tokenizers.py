@@ -117,23 +117,23 @@ class GPT2Tokenizer(Tokenizer):
         return pieces
 
 
-def gpt2_vocab_file(model_dir: Path | None) -> Path | None:
-    """Where the GPT-2 ranks come from, in order: the model folder, $SEDD_GPT2_VOCAB, else None (tiktoken's download)."""
+def gpt2_vocab_file(model_dir: Path | None, vocab: str | os.PathLike | None = None) -> Path | None:
+    """Where the GPT-2 ranks come from, in order: the model folder, the `vocab` file (SEDD_GPT2_VOCAB in the
+    server and the CLI), else None (tiktoken's download)."""
     if model_dir is not None and (Path(model_dir) / "gpt2.tiktoken").is_file():
         return Path(model_dir) / "gpt2.tiktoken"
-    env = os.environ.get("SEDD_GPT2_VOCAB")
-    if env:
-        if not Path(env).is_file():
-            raise TokenizerError(f"SEDD_GPT2_VOCAB names {env}, which is not a file")
-        return Path(env)
+    if vocab:
+        if not Path(vocab).is_file():
+            raise TokenizerError(f"the GPT-2 vocabulary {vocab} (SEDD_GPT2_VOCAB) is not a file")
+        return Path(vocab)
     return None
 
 
-def load_gpt2(model_dir: Path | None = None) -> GPT2Tokenizer:
+def load_gpt2(model_dir: Path | None = None, vocab: str | os.PathLike | None = None) -> GPT2Tokenizer:
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    path = gpt2_vocab_file(model_dir)
+    path = gpt2_vocab_file(model_dir, vocab)
     if path is None:
         try:
             return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
@@ -156,8 +156,10 @@ TOKENIZER_ALIASES = {"gpt2": "gpt2", "gpt-2": "gpt2", "char": "char", "chars": "
                      "characters": "char", "oxen-char": "char"}
 
 
-def resolve_tokenizer(tokens: int, model_dir: Path | None = None, explicit: str | None = None) -> Tokenizer:
-    """An explicit config entry, else the folder's tokenizer_config.json, else by `tokens` (50257 or 98)."""
+def resolve_tokenizer(tokens: int, model_dir: Path | None = None, explicit: str | None = None,
+                      gpt2_vocab: str | os.PathLike | None = None) -> Tokenizer:
+    """An explicit config entry, else the folder's tokenizer_config.json, else by `tokens` (50257 or 98).
+    `gpt2_vocab`: a gpt2.tiktoken file for GPT-2 models whose folder has none."""
     if explicit is not None:
         kind = TOKENIZER_ALIASES.get(str(explicit).lower())
         if kind is None:
@@ -174,7 +176,7 @@ def resolve_tokenizer(tokens: int, model_dir: Path | None = None, explicit: str 
             "to the config, or a tokenizer_config.json with `char_ords` to the model folder"
         )
     if kind == "gpt2":
-        tok: Tokenizer = load_gpt2(model_dir)
+        tok: Tokenizer = load_gpt2(model_dir, gpt2_vocab)
     elif model_dir is not None and (Path(model_dir) / "tokenizer_config.json").is_file():
         tok = CharTokenizer.from_config_file(Path(model_dir) / "tokenizer_config.json")
     else:

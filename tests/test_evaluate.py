@@ -4,17 +4,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from helpers import SHARED
 
 import sedd_core
 from sedd_core.evaluate import evenly_spaced_windows, held_out_bits
 
-TINY_FIVE = SHARED / "reference" / "tiny-five"
 
-
-@pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found")
-def test_known_text_costs_fewer_bits_than_noise():
-    lm = sedd_core.load(TINY_FIVE, device="cpu")
+def test_known_text_costs_fewer_bits_than_noise(tiny_five):
+    lm = sedd_core.load(tiny_five, device="cpu")
     known = "hello world!" * 40  # windows of 12 at evenly spaced offsets: mostly rotations of the string
     aligned = held_out_bits(lm, "hello world!" * 16, windows=16, batch_size=16, repeats=2)
     rng = random.Random(0)

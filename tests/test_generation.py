@@ -6,27 +6,14 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import SHARED, tiny_config, write_oxen_folder
 
 import sedd_core
 from sedd_core.generation import GenerationError, make_job
 
-TINY_FIVE = SHARED / "reference" / "tiny-five"
-VOCAB = SHARED / "vocab" / "gpt2.tiktoken"
-needs_tiny_five = pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found")
-
 
 @pytest.fixture(scope="module")
-def tiny_five():
-    if not TINY_FIVE.is_dir():
-        pytest.skip(f"{TINY_FIVE} not found")
-    return sedd_core.load(TINY_FIVE, device="cpu")
-
-
-def total_variation(ours: Counter, theirs: dict[str, float], n: int, min_share: float) -> float:
-    """TV distance restricted to the strings frequent (>= min_share) in either distribution."""
-    keys = {k for k, v in theirs.items() if v >= min_share} | {k for k, c in ours.items() if c / n >= min_share}
-    return 0.5 * sum(abs(ours.get(k, 0) / n - theirs.get(k, 0.0)) for k in keys)
+def tiny_lm(tiny_five):
+    return sedd_core.load(tiny_five, device="cpu")
 
 
 UPSTREAM = {
@@ -37,14 +24,13 @@ UPSTREAM = {
 }
 
 
-@needs_tiny_five
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(UPSTREAM))
-def test_shares_match_the_authors_sampler(tiny_five, name):
+def test_shares_match_the_authors_sampler(tiny_five, tiny_lm, total_variation, name):
     """2,000 samples: TV over the frequent strings within sampling noise of the authors' 2,000."""
-    upstream = json.loads((TINY_FIVE / "upstream_samples.json").read_text())["samples"][name]
+    upstream = json.loads((tiny_five / "upstream_samples.json").read_text())["samples"][name]
     n = 2000
-    texts = sedd_core.generate(tiny_five, num_samples=n, seed=1234, **UPSTREAM[name])
+    texts = sedd_core.generate(tiny_lm, num_samples=n, seed=1234, **UPSTREAM[name])
     ours = Counter(texts)
     # Two independent 2,000-sample estimates of the same ~100-string distribution differ by about
     # 0.02-0.04 in TV over the strings above 0.5 %; a sampler with a wrong formula (say, no
@@ -54,49 +40,44 @@ def test_shares_match_the_authors_sampler(tiny_five, name):
     assert ours.most_common(1)[0][0] == top_upstream
 
 
-@needs_tiny_five
-def test_seeded_sample_is_identical_when_run_twice(tiny_five):
-    a = sedd_core.generate(tiny_five, num_samples=4, steps=16, seed=7)
-    b = sedd_core.generate(tiny_five, num_samples=4, steps=16, seed=7)
-    c = sedd_core.generate(tiny_five, num_samples=4, steps=16, seed=8)
+def test_seeded_sample_is_identical_when_run_twice(tiny_lm):
+    a = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7)
+    b = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7)
+    c = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=8)
     assert a == b
     assert a != c
 
 
-@needs_tiny_five
-def test_infill_keeps_prefix_and_suffix(tiny_five):
-    texts = sedd_core.generate(tiny_five, num_samples=8, steps=16, seed=3, prefix="sc", suffix="os")
+def test_infill_keeps_prefix_and_suffix(tiny_lm):
+    texts = sedd_core.generate(tiny_lm, num_samples=8, steps=16, seed=3, prefix="sc", suffix="os")
     assert all(t.startswith("sc") and t.endswith("os") and len(t) == 12 for t in texts)
 
 
-@needs_tiny_five
-def test_callback_sees_masks_only_decrease(tiny_five):
+def test_callback_sees_masks_only_decrease(tiny_lm):
     left = []
-    sedd_core.generate(tiny_five, num_samples=2, steps=8, seed=0,
-                       callback=lambda job: left.append(int((job.x == tiny_five.mask_id).sum())))
+    sedd_core.generate(tiny_lm, num_samples=2, steps=8, seed=0,
+                       callback=lambda job: left.append(int((job.x == tiny_lm.mask_id).sum())))
     assert len(left) == 9 and left[-1] == 0
     assert all(a >= b for a, b in zip(left, left[1:]))
 
 
-@needs_tiny_five
-def test_bad_input_is_a_clear_error(tiny_five):
+def test_bad_input_is_a_clear_error(tiny_lm):
     with pytest.raises(GenerationError, match="leave no room on a canvas of 12 tokens"):
-        make_job(tiny_five, prefix="hello ", suffix="world!")
+        make_job(tiny_lm, prefix="hello ", suffix="world!")
     with pytest.raises(GenerationError, match="length must be between 1 and 12"):
-        make_job(tiny_five, length=13)
+        make_job(tiny_lm, length=13)
     with pytest.raises(GenerationError, match="cannot encode: the prefix holds 'é'$"):
-        make_job(tiny_five, prefix="é")
+        make_job(tiny_lm, prefix="é")
     with pytest.raises(GenerationError, match="the prefix holds 'ä', 'é'; the suffix holds '€'"):
-        make_job(tiny_five, prefix="éä", suffix="€")
+        make_job(tiny_lm, prefix="éä", suffix="€")
     with pytest.raises(GenerationError, match="predictor must be one of"):
-        make_job(tiny_five, predictor="ddpm")
+        make_job(tiny_lm, predictor="ddpm")
     with pytest.raises(GenerationError, match="steps must be at least 1"):
-        make_job(tiny_five, steps=0)
+        make_job(tiny_lm, steps=0)
 
 
-@pytest.mark.skipif(not VOCAB.is_file(), reason=f"GPT-2 vocabulary not found at {VOCAB}")
-def test_gpt2_infill_keeps_prompt_token_exact(tmp_path):
-    folder = write_oxen_folder(tmp_path / "gpt2-tiny", tiny_config(tokens=50257, length=24), vocab_file=VOCAB)
+def test_gpt2_infill_keeps_prompt_token_exact(tmp_path, gpt2_vocab, tiny_config, write_oxen_folder):
+    folder = write_oxen_folder(tmp_path / "gpt2-tiny", tiny_config(tokens=50257, length=24), vocab_file=gpt2_vocab)
     lm = sedd_core.load(folder, device="cpu")
     assert lm.tokenizer.name == "gpt2"
     prefix, suffix = "The quick brown fox", " over the lazy dog."
@@ -111,7 +92,7 @@ def test_gpt2_infill_keeps_prompt_token_exact(tmp_path):
     assert all(t.startswith(prefix) and t.endswith(suffix) for t in texts)
 
 
-def test_uniform_graph_samples_and_projects(tmp_path):
+def test_uniform_graph_samples_and_projects(tmp_path, tiny_config, write_oxen_folder):
     """The uniform graph has no mask: fixed positions must be written back before every step."""
     folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=16))
     lm = sedd_core.load(folder, device="cpu")
@@ -119,7 +100,7 @@ def test_uniform_graph_samples_and_projects(tmp_path):
     assert all(len(t) == 16 and t.startswith("abc") and t.endswith("xyz") for t in texts)
 
 
-def test_euler_and_analytic_rows_share_a_pass(tmp_path):
+def test_euler_and_analytic_rows_share_a_pass(tmp_path, tiny_config, write_oxen_folder):
     """Rows at different times with different predictors in one pass give the same result as alone."""
     folder = write_oxen_folder(tmp_path / "char", tiny_config(tokens=98, length=16))
     lm = sedd_core.load(folder, device="cpu")

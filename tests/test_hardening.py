@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import httpx
@@ -15,10 +13,8 @@ import pytest
 import torch
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, TINY_FIVE, ServerFailed, _wait_ready, free_port, running_server, server_env
 
-pytestmark = [pytest.mark.skipif(not TINY_FIVE.is_dir(), reason=f"{TINY_FIVE} not found"),
-              pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 API_KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -26,11 +22,18 @@ LONG = 200_000  # steps no test waits for: such a request ends only by a fault, 
 
 
 @pytest.fixture(scope="module")
-def small_server():
+def small_server(start_server, tiny_five):
     """Two rows per pass, two waiting requests, an API key, and the test-only fault switch."""
-    with running_server(str(TINY_FIVE), max_rows=2, max_queue=2, max_samples=2, max_steps=LONG,
+    with start_server(tiny_five, max_rows=2, max_queue=2, max_samples=2, max_steps=LONG,
                         fault_injection=1, api_key=API_KEY) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+async def access_client(app_client, tiny_five):
+    """In-process (httpx.ASGITransport): the API key and limits of small_server, without the fault switch."""
+    async with app_client(tiny_five, max_rows=2, max_queue=2, max_samples=2, max_steps=LONG, api_key=API_KEY) as http:
+        yield http
 
 
 def client(url: str, **kwargs) -> httpx.AsyncClient:
@@ -163,30 +166,33 @@ def test_out_of_memory_splits_the_pass_and_every_request_finishes(small_server):
     assert [a.json()["samples"] for a in answers] == [a.json()["samples"] for a in alone]
 
 
-def test_fault_switch_is_off_by_default(tiny_server, small_server):
+@pytest.mark.anyio
+async def test_fault_switch_is_off_by_default(tiny_client, app_client, tiny_five):
     """POST /_faults exists only with SEDD_FAULT_INJECTION=1, and even then never in the schema and
     behind the API key."""
-    assert httpx.post(tiny_server + "/_faults", json={"passes": 1}).status_code in (404, 405)
-    assert not [path for path in httpx.get(tiny_server + "/openapi.json").json()["paths"] if "fault" in path]
-    assert "/_faults" not in httpx.get(small_server + "/openapi.json").json()["paths"]
-    assert httpx.post(small_server + "/_faults", json={"passes": 0}).status_code == 401
+    assert (await tiny_client.post("/_faults", json={"passes": 1})).status_code in (404, 405)
+    assert not [path for path in (await tiny_client.get("/openapi.json")).json()["paths"] if "fault" in path]
+    async with app_client(tiny_five, fault_injection=True, api_key=API_KEY, warmup=False) as faulty:
+        assert "/_faults" not in (await faulty.get("/openapi.json")).json()["paths"]
+        assert (await faulty.post("/_faults", json={"passes": 0})).status_code == 401
+        assert (await faulty.post("/_faults", json={"passes": 0}, headers=AUTH)).status_code == 200
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
-def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
+@pytest.mark.parametrize("launcher", ["uvicorn", "sedd serve"])
+def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time(spawn_server, tiny_five, launcher):
     """On SIGTERM the server admits nothing new; a stream that can finish within SEDD_DRAIN_TIMEOUT_S ends
     with `done`; one that cannot ends with an `error` event at the timeout, a JSON request with a 503
-    that says why; and the process exits shortly after."""
+    that says why; and the process exits shortly after. `sedd serve` behaves the same, and its --model
+    flag wins over SEDD_MODEL (the CLI hands the server a Settings object, not the environment)."""
     drain = 4.0
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--timeout-graceful-shutdown", "60"]  # the drain, not uvicorn, must bound it
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=server_env(str(TINY_FIVE), drain_timeout_s=drain, max_steps=LONG))
+    # A graceful timeout of 60 s: the drain, not uvicorn, must bound the shutdown. Under `sedd serve`, --model
+    # names the model and SEDD_MODEL a folder that does not exist.
+    env = {"SEDD_MODEL": "/no/such/model"} if launcher == "sedd serve" else {}
+    with spawn_server(tiny_five, graceful_s=60, launcher=launcher, drain_timeout_s=drain, max_steps=LONG,
+                      **env) as server:
+        proc, url = server.proc, server.url
         try:
-            _wait_ready(proc, url, 90, log)
 
             async def scenario():
                 async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -215,8 +221,7 @@ def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
-        log.seek(0)
-        output = log.read().decode("utf-8", "replace")
+        output = server.log()
     assert refused in (503, "connection refused"), refused
     assert short[0] == "done", short
     assert long[0] == "error" and "shut down" in long[1]["error"], long
@@ -227,28 +232,30 @@ def test_sigterm_stops_admitting_drains_and_exits_in_bounded_time():
 
 
 # ---- access -----------------------------------------------------------------------------------------
-def test_api_key_guards_streams_and_leaves_health_open(small_server):
+@pytest.mark.anyio
+async def test_api_key_guards_streams_and_leaves_health_open(access_client):
     """test_server.py::test_api_key covers JSON requests, /v1/model and /metrics; streams are refused with
     a JSON 401 before any event, whichever way they are asked for."""
-    with httpx.Client(base_url=small_server, timeout=60) as http:
-        assert http.get("/health").json() == {"status": "ok"}
-        for path in ("/sample", "/infill"):
-            for body, headers in (({"steps": 4, "stream": True}, {}),
-                                  ({"steps": 4}, {"Accept": "text/event-stream"}),
-                                  ({"steps": 4, "stream": True}, {"Authorization": "Bearer wrong"})):
-                refused = http.post(path, json=body, headers=headers)
-                assert refused.status_code == 401, (path, body, headers, refused.text)
-                assert refused.headers["content-type"] == "application/json" and refused.json()["detail"]
-            with http.stream("POST", path, json={"steps": 4, "stream": True}, headers=AUTH) as ok:
-                assert ok.status_code == 200 and "event: done" in ok.read().decode()
+    http = access_client
+    assert (await http.get("/health")).json() == {"status": "ok"}
+    for path in ("/sample", "/infill"):
+        for body, headers in (({"steps": 4, "stream": True}, {}),
+                              ({"steps": 4}, {"Accept": "text/event-stream"}),
+                              ({"steps": 4, "stream": True}, {"Authorization": "Bearer wrong"})):
+            refused = await http.post(path, json=body, headers=headers)
+            assert refused.status_code == 401, (path, body, headers, refused.text)
+            assert refused.headers["content-type"] == "application/json" and refused.json()["detail"]
+        ok = await http.post(path, json={"steps": 4, "stream": True}, headers=AUTH)
+        assert ok.status_code == 200 and "event: done" in ok.text
 
 
-def test_no_request_field_names_a_file_or_a_model(small_server):
+@pytest.mark.anyio
+async def test_no_request_field_names_a_file_or_a_model(access_client):
     for field in ("model", "checkpoint", "path", "model_path", "source", "weights", "config"):
         for value in ("/etc/passwd", "../../checkpoint.pth", {"path": "/etc/passwd"}):
-            answer = httpx.post(small_server + "/sample", json={"steps": 4, field: value}, headers=AUTH)
+            answer = await access_client.post("/sample", json={"steps": 4, field: value}, headers=AUTH)
             assert answer.status_code == 422 and f"unknown field {field!r}" in answer.json()["detail"]
-    schemas = httpx.get(small_server + "/openapi.json").json()["components"]["schemas"]
+    schemas = (await access_client.get("/openapi.json")).json()["components"]["schemas"]
     for name in ("SampleRequest", "InfillRequest"):
         properties = schemas[name]["properties"]
         assert schemas[name]["additionalProperties"] is False
@@ -256,33 +263,35 @@ def test_no_request_field_names_a_file_or_a_model(small_server):
                                    "pieces", "prefix", "suffix"}, sorted(properties)
 
 
-def test_numbers_and_bodies_as_the_schema_reads_them(small_server):
+@pytest.mark.anyio
+async def test_numbers_and_bodies_as_the_schema_reads_them(access_client):
     """Found by the contract fuzzer: JSON Schema's `integer` includes 4.0, so the server takes it; 4.5, "4"
     and true stay refused; a body that is not UTF-8 is a 422 like other invalid JSON (not a bare 400)."""
-    with httpx.Client(base_url=small_server, headers=AUTH, timeout=60) as http:
-        taken = http.post("/sample", json={"steps": 4.0, "num_samples": 2.0, "seed": 7.0})
-        assert taken.status_code == 200 and (taken.json()["steps"], taken.json()["seed"]) == (4, 7)
-        for value in (4.5, "4", True, None):
-            refused = http.post("/sample", json={"steps": value})
-            assert refused.status_code == 422 and "steps" in refused.json()["detail"], (value, refused.text)
-        garbled = http.post("/sample", content=b'{"steps": "\xc3"}', headers={"Content-Type": "application/json"})
-        assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
+    http = access_client
+    taken = await http.post("/sample", json={"steps": 4.0, "num_samples": 2.0, "seed": 7.0}, headers=AUTH)
+    assert taken.status_code == 200 and (taken.json()["steps"], taken.json()["seed"]) == (4, 7)
+    for value in (4.5, "4", True, None):
+        refused = await http.post("/sample", json={"steps": value}, headers=AUTH)
+        assert refused.status_code == 422 and "steps" in refused.json()["detail"], (value, refused.text)
+    garbled = await http.post("/sample", content=b'{"steps": "\xc3"}',
+                              headers={**AUTH, "Content-Type": "application/json"})
+    assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
 
 
-def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path):
+def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path, start_server, tiny_five):
     """SEDD_MODEL names a folder whose checkpoint needs full unpickling: the server does not start (its
     /health says `failed`, its log names the opt-in); with SEDD_ALLOW_PICKLE=1 it starts."""
     folder = tmp_path / "pickled"
     folder.mkdir()
-    (folder / "config.yaml").write_text((TINY_FIVE / "config.yaml").read_text())
-    weights = torch.load(TINY_FIVE / "checkpoint.pth", weights_only=True)
+    (folder / "config.yaml").write_text((tiny_five / "config.yaml").read_text())
+    weights = torch.load(tiny_five / "checkpoint.pth", weights_only=True)
     torch.save({"model": weights, "extra": _Unsafe()}, folder / "checkpoint.pth")
 
-    with pytest.raises(ServerFailed) as refused:
-        with running_server(str(folder), warmup="false", startup_timeout=60):
+    with pytest.raises(RuntimeError, match="failed to load|exited") as refused:  # conftest's ServerFailed
+        with start_server(folder, warmup="false", startup_timeout=60):
             pass
     assert "SEDD_ALLOW_PICKLE=1" in str(refused.value) and "weights_only" in str(refused.value)
-    with running_server(str(folder), warmup="false", SEDD_ALLOW_PICKLE=1) as url:
+    with start_server(folder, warmup="false", SEDD_ALLOW_PICKLE=1) as url:
         assert httpx.get(url + "/health").json()["status"] == "ok"
         assert httpx.post(url + "/sample", json={"steps": 4}).status_code == 200
 
@@ -294,12 +303,12 @@ class _Unsafe:
 
 # ---- load -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_short_load_every_stream_done_memory_flat_and_seed_stable():
+def test_short_load_every_stream_done_memory_flat_and_seed_stable(repo_root, tiny_five):
     """scripts/load_test.py's guarantees on a short run: 16 streaming clients for 12 s on tiny-five."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(repo_root / "scripts"))
     import load_test
 
-    proc, url = load_test.start_server(str(TINY_FIVE), {"SEDD_MAX_ROWS": "16", "SEDD_MAX_QUEUE": "32"})
+    proc, url = load_test.start_server(str(tiny_five), {"SEDD_MAX_ROWS": "16", "SEDD_MAX_QUEUE": "32"})
     try:
         result = asyncio.run(load_test.run_load(url, clients=16, duration=12, steps=16, pid=proc.pid))
     finally:

@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import SHARED, tiny_config, write_oxen_folder
 from safetensors.torch import save_file
 
 import sedd_core
@@ -15,11 +14,9 @@ from sedd_core import hub
 from sedd_core.loading import CheckpointError, LoadedModel, detect_layout
 from sedd_core.model import SEDD
 
-ABSORB_A = SHARED / "reference" / "absorb-a"
-
 
 @pytest.fixture
-def char_folder(tmp_path):
+def char_folder(tmp_path, tiny_config, write_oxen_folder):
     return write_oxen_folder(tmp_path / "char", tiny_config(tokens=98, length=16))
 
 
@@ -50,17 +47,16 @@ def test_hf_layouts_give_the_same_model(char_folder, tmp_path):
         assert lm.layout == "hf" and same_weights(lm, oxen)
 
 
-@pytest.mark.skipif(not ABSORB_A.is_dir(), reason=f"{ABSORB_A} not found")
-def test_reference_layouts_agree():
+def test_reference_layouts_agree(reference):
     from sedd_core.loading import load_network
 
-    a, _, layout_a = load_network(ABSORB_A / "oxen-layout", torch.device("cpu"), torch.float32)
-    b, _, layout_b = load_network(ABSORB_A / "hf-layout", torch.device("cpu"), torch.float32)
+    a, _, layout_a = load_network(reference / "absorb-a" / "oxen-layout", torch.device("cpu"), torch.float32)
+    b, _, layout_b = load_network(reference / "absorb-a" / "hf-layout", torch.device("cpu"), torch.float32)
     assert (layout_a, layout_b) == ("oxen", "hf")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_training_run_layout_samples_from_ema(char_folder, tmp_path):
+def test_training_run_layout_samples_from_ema(char_folder, tmp_path, tiny_config):
     """checkpoints-meta/checkpoint.pth with model/ema/optimizer/step: the EMA shadow wins."""
     config = tiny_config(tokens=98, length=16)
     model = SEDD(config)
@@ -97,7 +93,7 @@ def test_config_that_does_not_match_the_weights(char_folder):
         sedd_core.load(char_folder)
 
 
-def test_unknown_tokenizer_is_named(tmp_path):
+def test_unknown_tokenizer_is_named(tmp_path, tiny_config, write_oxen_folder):
     folder = write_oxen_folder(tmp_path / "odd", tiny_config(tokens=37, length=8))
     with pytest.raises(sedd_core.tokenizers.TokenizerError, match="37 tokens"):
         sedd_core.load(folder)
@@ -108,10 +104,13 @@ class Evil:
         return (print, ("this would run code",))
 
 
-def test_pickles_beyond_tensors_are_refused_unless_allowed(char_folder):
+def test_pickles_beyond_tensors_are_refused_unless_allowed(char_folder, monkeypatch):
     state = torch.load(char_folder / "checkpoint.pth", weights_only=True)
     torch.save({"model": state, "extra": Evil()}, char_folder / "checkpoint.pth")
     with pytest.raises(CheckpointError, match="SEDD_ALLOW_PICKLE=1"):
+        sedd_core.load(char_folder)
+    monkeypatch.setenv("SEDD_ALLOW_PICKLE", "1")  # the library reads no environment: still refused
+    with pytest.raises(CheckpointError, match="weights_only"):
         sedd_core.load(char_folder)
     assert sedd_core.load(char_folder, allow_pickle=True).layout == "oxen"
 
@@ -135,8 +134,8 @@ def test_bfloat16_keeps_rotary_tables_in_float32(char_folder):
 # ---- hub sources, up to the network boundary ---------------------------------------------
 
 def test_oxen_source_clones_once_into_the_cache(char_folder, tmp_path, monkeypatch):
-    oxen = pytest.importorskip("oxen")
-    monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
+    import oxen
+    cache = tmp_path / "cache"
     calls = []
 
     def fake_clone(repo_id, path=None, host=None, **kw):
@@ -144,15 +143,16 @@ def test_oxen_source_clones_once_into_the_cache(char_folder, tmp_path, monkeypat
         shutil.copytree(char_folder, path)
 
     monkeypatch.setattr(oxen, "clone", fake_clone)
-    lm = sedd_core.load("oxen:models/SEDD-tiny", device="cpu")
-    assert lm.path == tmp_path / "cache" / "oxen" / "models" / "SEDD-tiny"
-    sedd_core.load("oxen:models/SEDD-tiny", device="cpu")
-    assert calls == [("models/SEDD-tiny", "hub.oxen.ai")]
+    lm = sedd_core.load("oxen:models/SEDD-tiny", device="cpu", cache_dir=cache)
+    assert lm.path == cache / "oxen" / "models" / "SEDD-tiny"
+    sedd_core.load("oxen:models/SEDD-tiny", device="cpu", cache_dir=cache, oxen_host="oxen.example")
+    assert calls == [("models/SEDD-tiny", "hub.oxen.ai")]  # cloned once: the second load found the folder
+    sedd_core.load("oxen:models/other", device="cpu", cache_dir=cache, oxen_host="oxen.example")
+    assert calls[-1] == ("models/other", "oxen.example")
 
 
 def test_failed_oxen_download_leaves_no_half_folder(tmp_path, monkeypatch):
-    oxen = pytest.importorskip("oxen")
-    monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
+    import oxen
 
     def failing_clone(repo_id, path=None, host=None, **kw):
         (tmp_path / "x").mkdir(exist_ok=True)
@@ -162,23 +162,19 @@ def test_failed_oxen_download_leaves_no_half_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(oxen, "clone", failing_clone)
     with pytest.raises(hub.HubError, match="could not clone oxen:models/SEDD-large.*network unreachable"):
-        sedd_core.load("oxen:models/SEDD-large")
+        sedd_core.load("oxen:models/SEDD-large", cache_dir=tmp_path / "cache")
     parent = tmp_path / "cache" / "oxen" / "models"
     assert list(parent.iterdir()) == []
 
 
 def test_real_oxen_clone_without_network_is_a_clear_error(tmp_path, monkeypatch):
-    pytest.importorskip("oxen")
-    monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hub, "OXEN_HOST", "127.0.0.1:9")  # nothing listens on the discard port
-    with pytest.raises(hub.HubError, match="could not clone"):
-        hub.fetch_oxen("models/SEDD-large", host="127.0.0.1:9")
+    with pytest.raises(hub.HubError, match="could not clone"):  # nothing listens on the discard port
+        hub.fetch_oxen("models/SEDD-large", host="127.0.0.1:9", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache" / "oxen" / "models" / "SEDD-large").exists()
 
 
 def test_hf_source_uses_snapshot_download(char_folder, tmp_path, monkeypatch):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub
     seen = {}
 
     def fake_snapshot_download(repo_id, cache_dir=None, allow_patterns=None):
@@ -186,17 +182,15 @@ def test_hf_source_uses_snapshot_download(char_folder, tmp_path, monkeypatch):
         return str(char_folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    lm = sedd_core.load("hf:louaaron/sedd-small", device="cpu")
+    lm = sedd_core.load("hf:louaaron/sedd-small", device="cpu", cache_dir=tmp_path / "cache")
     assert seen == {"repo_id": "louaaron/sedd-small", "cache_dir": str(tmp_path / "cache" / "hf")}
     assert lm.layout == "oxen"
 
 
 def test_hf_without_network_is_a_clear_error(tmp_path, monkeypatch):
-    pytest.importorskip("huggingface_hub")
-    monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubError, match="could not download hf:louaaron/sedd-small"):
-        sedd_core.load("hf:louaaron/sedd-small")
+        sedd_core.load("hf:louaaron/sedd-small", cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("spec", ["oxen:noslash", "oxen:a/b/c", "hf:../etc"])

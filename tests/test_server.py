@@ -1,13 +1,12 @@
-"""The HTTP server end to end: real uvicorn on a loopback socket (tests/support.py), httpx and httpx-sse.
-
-Most tests share the session's `tiny_server` (tiny-five, limits in conftest.TINY_LIMITS); the API key,
-CORS, body limit and full-queue tests share one strict server, and the GPT-2 path has its own.
+"""The HTTP server. What needs only requests and answers (shapes, seeds, validation errors, the API key,
+CORS, the body limit, a full queue) runs in-process through httpx.ASGITransport on the session's
+`tiny_client` or on one strict app; streams, batching across real clients, disconnects, the GPT-2 path
+and a model that ends the process run against real uvicorn servers (`tiny_server`, `start_server`).
+Both are fixtures of tests/conftest.py; `tiny_limits` are the limits of both tiny servers.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TINY_LIMITS
 from httpx_sse import EventSource, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
-from support import GPT2_VOCAB, free_port, running_server, server_env, write_tiny_gpt2_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,10 +37,13 @@ def stream(base: str, path: str, body: dict, headers: dict | None = None) -> lis
         return [(event.event, json.loads(event.data)) for event in EventSource(response).iter_sse()]
 
 
-def scrape(base: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(base + "/metrics", headers=headers, timeout=TIMEOUT).text
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(base: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    return parse_metrics(httpx.get(base + "/metrics", headers=headers, timeout=TIMEOUT).text)
 
 
 def metric(values: dict, name: str, **labels: str) -> float:
@@ -76,26 +76,28 @@ def check_stream(events: list[tuple[str, dict]], steps: int) -> dict:
     return events[-1][1]
 
 
-# ---- tiny_server: reading the server ----------------------------------------------------------------
-def test_health_model_docs_and_page(tiny_server):
-    assert httpx.get(tiny_server + "/health").json() == {"status": "ok"}
-    info = httpx.get(tiny_server + "/v1/model").json()
+# ---- reading the server (in-process) ----------------------------------------------------------------
+@pytest.mark.anyio
+async def test_health_model_docs_and_page(tiny_client, tiny_limits):
+    assert (await tiny_client.get("/health")).json() == {"status": "ok"}
+    info = (await tiny_client.get("/v1/model")).json()
     assert info["name"] == "tiny-five" and info["tokenizer"] == "char" and info["length"] == 12
     assert info["device"] == "cpu" and info["graph"] == "absorb" and info["parameters"] > 0
-    assert {k: info[k] for k in TINY_LIMITS} == TINY_LIMITS
+    assert {k: info[k] for k in tiny_limits} == tiny_limits
     assert set(info["flash_attn"]) == {"available", "used"} and info["flash_attn"]["used"] is False
-    schema = httpx.get(tiny_server + "/openapi.json").json()
+    schema = (await tiny_client.get("/openapi.json")).json()
     assert {"/sample", "/infill", "/health", "/v1/model", "/metrics"} <= set(schema["paths"])
-    assert httpx.get(tiny_server + "/docs").status_code == 200
-    page = httpx.get(tiny_server + "/")
+    assert (await tiny_client.get("/docs")).status_code == 200
+    page = await tiny_client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    metrics = scrape(tiny_server)
+    metrics = parse_metrics((await tiny_client.get("/metrics")).text)
     assert metric(metrics, "sedd_running_rows") == 0 and metric(metrics, "sedd_queue_depth") == 0
 
 
-# ---- JSON and SSE for both endpoints ---------------------------------------------------------------
-def test_sample_json_reports_a_reproducible_seed(tiny_server):
-    answer = post(tiny_server, "/sample", {"num_samples": 2, "steps": 32}).json()
+# ---- JSON (in-process) and SSE (tiny_server) for both endpoints -------------------------------------
+@pytest.mark.anyio
+async def test_sample_json_reports_a_reproducible_seed(tiny_client):
+    answer = (await tiny_client.post("/sample", json={"num_samples": 2, "steps": 32})).json()
     assert set(answer) == {"id", "model", "samples", "num_samples", "steps", "predictor", "length", "seed",
                            "timing"}
     assert answer["model"] == "tiny-five" and answer["num_samples"] == 2 and answer["steps"] == 32
@@ -104,7 +106,7 @@ def test_sample_json_reports_a_reproducible_seed(tiny_server):
     assert set(answer["timing"]) == {"queued_s", "run_s", "total_s"}
     texts = [s["text"] for s in answer["samples"]]
     assert len(texts) == 2 and all(len(t) == 12 and MASK not in t for t in texts)
-    again = post(tiny_server, "/sample", {"num_samples": 2, "steps": 32, "seed": answer["seed"]}).json()
+    again = (await tiny_client.post("/sample", json={"num_samples": 2, "steps": 32, "seed": answer["seed"]})).json()
     assert again["samples"] == answer["samples"] and again["id"] != answer["id"]
 
 
@@ -182,9 +184,9 @@ def wait_for_cancellation(base: str, cancelled_before: float, timeout: float = 2
     raise AssertionError(f"rows were not freed within {timeout} s: {values}")
 
 
-def test_disconnected_clients_free_their_rows(tiny_server):
+def test_disconnected_clients_free_their_rows(tiny_server, tiny_limits):
     cancelled = metric(scrape(tiny_server), "sedd_requests_total", outcome="cancelled")
-    body = {"steps": TINY_LIMITS["max_steps"], "num_samples": 2, "stream": True, "stream_every": 1}
+    body = {"steps": tiny_limits["max_steps"], "num_samples": 2, "stream": True, "stream_every": 1}
     with httpx.Client(timeout=TIMEOUT) as client, \
             connect_sse(client, "POST", tiny_server + "/sample", json=body) as source:
         events = source.iter_sse()
@@ -193,17 +195,18 @@ def test_disconnected_clients_free_their_rows(tiny_server):
     cancelled = metric(values, "sedd_requests_total", outcome="cancelled")
     # A JSON client that gives up is noticed too.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(tiny_server + "/sample", json={"steps": TINY_LIMITS["max_steps"]}, timeout=0.5)
+        httpx.post(tiny_server + "/sample", json={"steps": tiny_limits["max_steps"]}, timeout=0.5)
     wait_for_cancellation(tiny_server, cancelled)
 
 
 # ---- bad input -------------------------------------------------------------------------------------
+# A body may be a function of the server's limits (tiny_limits), and a word may name one: "{max_steps}".
 BAD_INPUTS = [
     ("/sample", {"steps": 0}, ["steps"]),
-    ("/sample", {"steps": TINY_LIMITS["max_steps"] + 1}, ["steps", str(TINY_LIMITS["max_steps"])]),
+    ("/sample", lambda limits: {"steps": limits["max_steps"] + 1}, ["steps", "{max_steps}"]),
     ("/sample", {"steps": "many"}, ["steps"]),
     ("/sample", {"num_samples": 0}, ["num_samples"]),
-    ("/sample", {"num_samples": TINY_LIMITS["max_samples"] + 1}, ["num_samples", str(TINY_LIMITS["max_samples"])]),
+    ("/sample", lambda limits: {"num_samples": limits["max_samples"] + 1}, ["num_samples", "{max_samples}"]),
     ("/sample", {"length": 0}, ["length"]),
     ("/sample", {"length": 13}, ["length", "12"]),
     ("/sample", {"stream_every": 0}, ["stream_every"]),
@@ -220,120 +223,130 @@ BAD_INPUTS = [
 ]
 
 
+def request_body(body, limits: dict) -> bytes:
+    body = body(limits) if callable(body) else body
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
+
+
 @pytest.mark.parametrize(("path", "body", "words"), BAD_INPUTS,
                          ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_INPUTS)])
-def test_bad_input_is_a_4xx_that_names_the_problem(tiny_server, path, body, words):
-    if isinstance(body, bytes):
-        response = httpx.post(tiny_server + path, content=body, headers={"Content-Type": "application/json"})
-    else:
-        response = post(tiny_server, path, body)
-    assert 400 <= response.status_code < 500 and response.status_code == 422, response.text
+@pytest.mark.anyio
+async def test_bad_input_is_a_4xx_that_names_the_problem(tiny_client, tiny_limits, path, body, words):
+    response = await tiny_client.post(path, content=request_body(body, tiny_limits),
+                                      headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str)
     for word in words:
-        assert word in detail, (word, detail)
+        assert word.format(**tiny_limits) in detail, (word, detail)
 
 
-def test_bad_input_hurts_nobody(tiny_server):
+def test_bad_input_hurts_nobody(tiny_server, tiny_limits):
     """A burst of bad requests beside a good stream: the stream finishes, the server stays ready."""
     good = ThreadPoolExecutor(1).submit(stream, tiny_server, "/sample", {"steps": 64, "stream": True, "seed": 1})
     for path, body, _ in BAD_INPUTS:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        content = request_body(body, tiny_limits)
         httpx.post(tiny_server + path, content=content, headers={"Content-Type": "application/json"})
     check_stream(good.result(timeout=60), steps=64)
     assert httpx.get(tiny_server + "/health").status_code == 200
 
 
-# ---- API key, CORS, body limit, full queue -----------------------------------------------------------
+# ---- API key, CORS, body limit, full queue (in-process) ---------------------------------------------
 API_KEY = "s3cret-token"
 ORIGIN = "https://demo.example"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_five: Path):
+async def strict_client(app_client, tiny_five: Path):
     """One row per pass (max_samples follows) and one waiting request, an API key, one CORS origin and a
     1 KiB body limit."""
-    with running_server(str(tiny_five), max_rows=1, max_queue=1, max_steps=1024,
-                        SEDD_API_KEY=API_KEY, SEDD_CORS_ORIGINS=f"{ORIGIN}, https://other.example",
-                        max_body_bytes=1024, warmup="false") as base_url:
-        yield base_url
+    async with app_client(tiny_five, max_rows=1, max_queue=1, max_steps=1024, api_key=API_KEY,
+                          cors_origins=f"{ORIGIN}, https://other.example", max_body_bytes=1024,
+                          warmup=False) as client:
+        yield client
 
 
-def test_api_key(strict_server):
-    assert httpx.get(strict_server + "/health").status_code == 200
-    assert httpx.get(strict_server + "/").status_code == 200
+@pytest.mark.anyio
+async def test_api_key(strict_client):
+    http = strict_client
+    assert (await http.get("/health")).status_code == 200
+    assert (await http.get("/")).status_code == 200
     for path in ("/sample", "/infill"):
-        missing = post(strict_server, path, {"steps": 4})
+        missing = await http.post(path, json={"steps": 4})
         assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["detail"]
         assert missing.headers["www-authenticate"] == "Bearer"
-        wrong = post(strict_server, path, {"steps": 4}, headers={"Authorization": "Bearer nope"})
+        wrong = await http.post(path, json={"steps": 4}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
-        assert post(strict_server, path, {"steps": 4}, headers=AUTH).status_code == 200
+        assert (await http.post(path, json={"steps": 4}, headers=AUTH)).status_code == 200
     for path in ("/v1/model", "/metrics"):
-        assert httpx.get(strict_server + path).status_code == 401
-        assert httpx.get(strict_server + path, headers={"Authorization": "Bearer " + API_KEY[:-1]}).status_code == 401
-        assert httpx.get(strict_server + path, headers=AUTH).status_code == 200
-    assert httpx.get(strict_server + "/v1/model", headers=AUTH).json()["max_samples"] == 1
+        assert (await http.get(path)).status_code == 401
+        assert (await http.get(path, headers={"Authorization": "Bearer " + API_KEY[:-1]})).status_code == 401
+        assert (await http.get(path, headers=AUTH)).status_code == 200
+    assert (await http.get("/v1/model", headers=AUTH)).json()["max_samples"] == 1
 
 
-def test_cors_only_for_configured_origins(strict_server, tiny_server):
-    allowed = post(strict_server, "/sample", {"steps": 2}, headers={**AUTH, "Origin": ORIGIN})
+@pytest.mark.anyio
+async def test_cors_only_for_configured_origins(strict_client, tiny_client):
+    http = strict_client
+    allowed = await http.post("/sample", json={"steps": 2}, headers={**AUTH, "Origin": ORIGIN})
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
-    denied = post(strict_server, "/sample", {"steps": 2}, headers={**AUTH, "Origin": "https://evil.example"})
+    denied = await http.post("/sample", json={"steps": 2}, headers={**AUTH, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in denied.headers
     preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization, content-type"}
-    ok = httpx.options(strict_server + "/sample", headers=preflight)
+    ok = await http.options("/sample", headers=preflight)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in ok.headers["access-control-allow-headers"].lower()
-    refused = httpx.options(strict_server + "/sample", headers={**preflight, "Origin": "https://evil.example"})
+    refused = await http.options("/sample", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in refused.headers
     # A server without SEDD_CORS_ORIGINS sends no CORS headers at all.
-    plain = post(tiny_server, "/sample", {"steps": 2}, headers={"Origin": ORIGIN})
+    plain = await tiny_client.post("/sample", json={"steps": 2}, headers={"Origin": ORIGIN})
     assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
-def test_body_too_large(strict_server):
+@pytest.mark.anyio
+async def test_body_too_large(strict_client):
     big = {"prefix": "a" * 2000, "steps": 4}
-    response = post(strict_server, "/infill", big, headers=AUTH)
+    response = await strict_client.post("/infill", json=big, headers=AUTH)
     assert response.status_code == 413 and "1024 bytes" in response.json()["detail"]
 
-    def chunks():  # no Content-Length: the server counts what arrives
+    async def chunks():  # no Content-Length: the server counts what arrives
         yield json.dumps(big).encode()
 
-    chunked = httpx.post(strict_server + "/infill", content=chunks(),
-                         headers={**AUTH, "Content-Type": "application/json"}, timeout=TIMEOUT)
+    chunked = await strict_client.post("/infill", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert "content-length" not in chunked.request.headers
     assert chunked.status_code == 413
 
 
-def test_full_queue_answers_503_with_retry_after(strict_server):
+@pytest.mark.anyio
+async def test_full_queue_answers_503_with_retry_after(strict_client):
     """One row runs and one request waits; the rest of a burst is turned away, and the server recovers."""
-    burst = 6
-    barrier = threading.Barrier(burst)
+    import anyio
 
-    def client(_):
-        barrier.wait()
-        return post(strict_server, "/sample", {"steps": 200}, headers=AUTH)
+    responses: list[httpx.Response] = []
 
-    with ThreadPoolExecutor(burst) as pool:
-        responses = list(pool.map(client, range(burst)))
+    async def client():
+        responses.append(await strict_client.post("/sample", json={"steps": 200}, headers=AUTH))
+
+    async with anyio.create_task_group() as burst:
+        for _ in range(6):
+            burst.start_soon(client)
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) == {200, 503}, codes
     for response in responses:
         if response.status_code == 503:
             assert int(response.headers["retry-after"]) >= 1
             assert "busy" in response.json()["detail"]
-    assert metric(scrape(strict_server, AUTH), "sedd_requests_total", outcome="rejected") >= codes.count(503)
-    assert post(strict_server, "/sample", {"steps": 4}, headers=AUTH).status_code == 200
+    metrics = parse_metrics((await strict_client.get("/metrics", headers=AUTH)).text)
+    assert metric(metrics, "sedd_requests_total", outcome="rejected") >= codes.count(503)
+    assert (await strict_client.post("/sample", json={"steps": 4}, headers=AUTH)).status_code == 200
 
 
 # ---- GPT-2 vocabulary --------------------------------------------------------------------------------
-def test_gpt2_infill_keeps_prefix_and_suffix_text(tmp_path, shared_dir):
-    if not GPT2_VOCAB.is_file():
-        pytest.skip(f"{GPT2_VOCAB} is absent: the GPT-2 test needs the vocabulary offline")
+def test_gpt2_infill_keeps_prefix_and_suffix_text(tmp_path, gpt2_vocab, write_tiny_gpt2_model, start_server):
     folder = write_tiny_gpt2_model(tmp_path / "tiny-gpt2")
-    with running_server(str(folder), SEDD_GPT2_VOCAB=str(GPT2_VOCAB), max_rows=4, max_samples=2) as base:
+    with start_server(folder, SEDD_GPT2_VOCAB=str(gpt2_vocab), max_rows=4, max_samples=2) as base:
         info = httpx.get(base + "/v1/model").json()
         assert info["tokenizer"] == "gpt2" and info["vocab_size"] == 50258 and info["length"] == 24
         body = {"prefix": "Hello", "suffix": " world.", "num_samples": 2, "steps": 8, "seed": 3}
@@ -345,13 +358,11 @@ def test_gpt2_infill_keeps_prefix_and_suffix_text(tmp_path, shared_dir):
 
 
 # ---- a model that does not load --------------------------------------------------------------------
-def test_a_model_that_does_not_load_ends_the_server(tmp_path, repo_root):
+def test_a_model_that_does_not_load_ends_the_server(tmp_path, spawn_server):
     """The process exits (so Docker's restart policy tries again) and its log says why."""
     missing = tmp_path / "no-such-model"
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-           "--port", str(free_port())]
-    result = subprocess.run(cmd, check=False, cwd=repo_root, env=server_env(str(missing)), capture_output=True,
-                            text=True, timeout=120)
-    log = result.stdout + result.stderr
-    assert result.returncode != 0, log
+    with spawn_server(missing, wait=False) as server:
+        returncode = server.proc.wait(timeout=120)
+        log = server.log(limit=20_000)
+    assert returncode != 0, log
     assert "could not be loaded" in log and "no-such-model" in log, log

@@ -4,7 +4,6 @@ import json
 import string
 
 import pytest
-from helpers import SHARED
 
 from sedd_core.tokenizers import (
     MASK_PLACEHOLDER,
@@ -15,14 +14,9 @@ from sedd_core.tokenizers import (
     resolve_tokenizer,
 )
 
-VOCAB = SHARED / "vocab" / "gpt2.tiktoken"
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason=f"GPT-2 vocabulary not found at {VOCAB}")
 
-
-@needs_vocab
-def test_gpt2_known_ids_and_round_trip(monkeypatch):
-    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(VOCAB))
-    tok = load_gpt2()
+def test_gpt2_known_ids_and_round_trip(gpt2_vocab):
+    tok = load_gpt2(vocab=gpt2_vocab)
     assert tok.vocab_size == 50257
     assert tok.encode("Hi, my name is") == [17250, 11, 616, 1438, 318]
     text = "Diffusion models denoise text in parallel — naïve café, 日本語 and <|endoftext|>."
@@ -30,19 +24,16 @@ def test_gpt2_known_ids_and_round_trip(monkeypatch):
     assert tok.encode("<|endoftext|>") == [50256]
 
 
-@needs_vocab
-def test_gpt2_vocab_resolution_order(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(tmp_path / "missing.tiktoken"))
-    with pytest.raises(TokenizerError, match="SEDD_GPT2_VOCAB"):
-        load_gpt2()
-    (tmp_path / "gpt2.tiktoken").write_bytes(VOCAB.read_bytes())
-    assert load_gpt2(tmp_path).encode("Hi") == [17250]  # the model folder wins over the variable
+def test_gpt2_vocab_resolution_order(gpt2_vocab, tmp_path):
+    missing = tmp_path / "missing.tiktoken"
+    with pytest.raises(TokenizerError, match="missing.tiktoken.*SEDD_GPT2_VOCAB.*not a file"):
+        load_gpt2(vocab=missing)
+    (tmp_path / "gpt2.tiktoken").write_bytes(gpt2_vocab.read_bytes())
+    assert load_gpt2(tmp_path, vocab=missing).encode("Hi") == [17250]  # the model folder wins over the file
 
 
-@needs_vocab
-def test_gpt2_render_masks(monkeypatch):
-    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(VOCAB))
-    tok = load_gpt2()
+def test_gpt2_render_masks(gpt2_vocab):
+    tok = load_gpt2(vocab=gpt2_vocab)
     ids = tok.encode("Hello world")
     assert render(tok, [ids[0], 50257, ids[1]], mask_id=50257) == "Hello" + MASK_PLACEHOLDER + " world"
 

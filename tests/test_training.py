@@ -262,6 +262,54 @@ def test_packaged_configs_and_overrides():
         apply_overrides({}, ["training.lr"])
 
 
+@pytest.mark.parametrize("source", ["default", "tiny", "sedd_core/default_model/train_config.yaml"])
+def test_config_files_load_unchanged(source):
+    path = Path(sedd_core.__file__).parent.parent / source if source.endswith(".yaml") else source
+    cfg = load_train_config(path)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    if source.endswith(".yaml"):  # a saved train_config.yaml is written back key for key
+        assert cfg.to_dict() == yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("training.lr=0", "training.lr must be > 0"),
+    ("training.batch_size=true", "training.batch_size must be a number"),
+    ("training.ema=1", "training.ema must be < 1"),
+    ("training.export_dtype=f8", "training.export_dtype must be one of"),
+    ("noise.type=cosine", "noise.type must be one of loglinear, geometric"),
+    ("model=3", "model must be a mapping"),
+    ("push.hots=x", "unknown key push.hots; push takes: host, scheme"),
+    ("tokens=5", "tokens is 5 but the char tokenizer has 98"),
+    ("model.n_heads=3", "must split into n_heads 3 heads of even width"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config("tiny", [override])
+
+
+def test_config_reads_yaml_as_people_write_it():
+    cfg = load_train_config("tiny", ["data.train=notes.txt", "training.n_iters=2e5", "data.hf_valid_split=none",
+                                     "model.name=123"])
+    assert cfg.data.train == ["notes.txt"] and cfg.training.n_iters == 200_000
+    assert cfg.data.hf_valid_split is None and cfg.model.name == "123"
+    assert load_train_config({"model": None, "training": {"lr": "1e-3"}}).training.lr == 1e-3
+
+
+def test_training_evaluation_is_the_sedd_eval_estimator(corpus, tmp_path):
+    from sedd_core.evaluate import elbo_draws
+
+    run = tmp_path / "run"
+    cfg = tiny(corpus, n_iters=3, eval_every=3, checkpoint_every=3)
+    trainer = trainer_mod.Trainer(cfg, run, device="cpu", progress=False)
+    result = trainer.run()
+    lm = sedd_core.load(run, device="cpu")  # the exported EMA weights, as `sedd eval --model RUN_DIR` reads them
+    crops = torch.cat(trainer.eval_batches)
+    draws = elbo_draws(lm.model, lm.graph, lm.noise, crops, samples=1, seed=cfg.training.seed + 3,
+                       batch_size=cfg.training.batch_size)
+    assert draws.shape == (cfg.training.eval_batches * cfg.training.batch_size, 1)
+    assert result["valid_bpc"] == pytest.approx(draws.mean().item() / lm.length / math.log(2), rel=1e-5)
+
+
 def test_uniform_graph_trains(corpus, tmp_path):
     cfg = load_train_config("tiny", [f"data.train=[{corpus}]", "graph.type=uniform", "model.scale_by_sigma=false",
                                      "training.n_iters=2", "training.eval_every=0", "training.snapshot_every=2"])
@@ -346,7 +394,6 @@ def test_push_creates_a_missing_repo_and_runs_in_the_background(corpus, tmp_path
 
 
 def test_push_failure_on_the_real_network_is_a_warning(corpus, tmp_path):
-    pytest.importorskip("oxen")
     logs: list[str] = []
     cfg = tiny(corpus, n_iters=3, checkpoint_every=2)
     cfg.push.host, cfg.push.scheme = "127.0.0.1:9", "http"  # nothing listens: a real connection error

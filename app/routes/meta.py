@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sedd_core.model import FLASH_ATTN_AVAILABLE, flash_attn_usable
+from sedd_core.fast_model import FLASH_ATTN_AVAILABLE, FastSEDD, flash_attn_usable
 from sedd_core.sampling import PREDICTORS
 
 from ..auth import require_api_key
@@ -41,7 +41,7 @@ async def model_info(state: ReadyState, request: Request) -> ModelInfo:
         noise=lm.config.noise, predictors=list(PREDICTORS), max_rows=settings.max_rows,
         max_queue=settings.max_queue, max_steps=settings.max_steps, max_samples=settings.max_samples,
         flash_attn={"available": FLASH_ATTN_AVAILABLE,
-                    "used": flash_attn_usable(lm.device, lm.dtype)},
+                    "used": isinstance(lm.runner, FastSEDD) and flash_attn_usable(lm.device, lm.dtype)},
         replica=request.app.state.replica_id,
     )
 

@@ -3,11 +3,17 @@
  * It POSTs to /sample or /infill with "stream": true and reads the Server-Sent-Events
  * answer from response.body (EventSource cannot POST). Each `step` event redraws one
  * panel per sample from its per-position pieces; `done` leaves the final texts.
+ * Template mode sends {"segments": [...]} to /infill; "Rewrite selection" sends a finished
+ * sample's text and the selected character range to /rewrite and redraws only that panel.
+ * Kept positions come from `fixed` (one boolean per position) in step events, kept text
+ * from `spans` (the generated character ranges) in the done answer; without them the page
+ * falls back to prefix_tokens/suffix_tokens and the prefix/suffix.
  */
 (() => {
   "use strict";
 
   const MASK = "\u2591"; // ░, the server's placeholder for a masked position
+  const GAP = /\[\[\s*(\d+)\s*\]\]/g; // [[40]] in a template: a gap of 40 tokens
   const KEY_STORE = "sedd-serve.apiKey";
   // API paths relative to this script (served from <base>/static/app.js), so the page
   // also works behind a reverse proxy that mounts the server under a sub-path.
@@ -154,6 +160,31 @@
   }
 
   /* ---------------------------------------------------------------------------------
+   * Templates: "ROMEO. [[40]] and JULIET [[30]]." -> ["ROMEO. ", 40, " and JULIET ", 30, "."]
+   * ------------------------------------------------------------------------------- */
+  function parseTemplate(template) {
+    const segments = [];
+    let last = 0;
+    for (const match of template.matchAll(GAP)) {
+      if (match.index > last) segments.push(template.slice(last, match.index));
+      const size = Number(match[1]);
+      if (!(size >= 1)) throw new Error(`The gap ${match[0]} needs at least 1 token.`);
+      segments.push(size);
+      last = match.index + match[0].length;
+    }
+    if (last < template.length) segments.push(template.slice(last));
+    if (!segments.some((s) => typeof s === "number")) {
+      throw new Error("Mark at least one gap in the template with [[N]], e.g. [[20]].");
+    }
+    return segments;
+  }
+
+  /** Code-point offsets (what the server counts) of UTF-16 offsets into `text` (what the DOM counts). */
+  function codePoints(text, utf16Offset) {
+    return Array.from(text.slice(0, utf16Offset)).length;
+  }
+
+  /* ---------------------------------------------------------------------------------
    * Page
    * ------------------------------------------------------------------------------- */
   const $ = (id) => document.getElementById(id);
@@ -163,6 +194,11 @@
       form: $("form"),
       mode: $("mode"),
       prompt: $("prompt"),
+      templateFields: $("template-fields"),
+      template: $("template"),
+      gapSize: $("gap-size"),
+      insertGap: $("insert-gap"),
+      rewrite: $("rewrite"),
       prefix: $("prefix"),
       suffix: $("suffix"),
       steps: $("steps"),
@@ -234,11 +270,23 @@
     /* ---- mode --------------------------------------------------------------------- */
     function syncMode() {
       const infill = el.mode.value === "infill";
+      const template = el.mode.value === "template";
       el.prompt.hidden = !infill;
       el.prompt.disabled = !infill;
+      el.templateFields.hidden = !template;
+      el.templateFields.disabled = !template;
+      el.length.disabled = template; // a template's text and gaps make its length
     }
     el.mode.addEventListener("change", syncMode);
     syncMode();
+
+    el.insertGap.addEventListener("click", () => {
+      const size = Number.parseInt(el.gapSize.value, 10);
+      const gap = `[[${Number.isInteger(size) && size > 0 ? size : 20}]]`;
+      el.template.focus();
+      el.template.setRangeText(gap, el.template.selectionStart, el.template.selectionEnd, "end");
+      el.template.dispatchEvent(new Event("input", { bubbles: true }));
+    });
 
     /* ---- model information -------------------------------------------------------- */
     async function loadModel() {
@@ -332,17 +380,27 @@
       el.output.dataset.count = String(count);
     }
 
-    function pieceClass(i, n, prefixTokens, suffixTokens) {
-      if (i < prefixTokens) return "tok fixed prefix";
-      if (i >= n - suffixTokens) return "tok fixed suffix";
-      return "tok";
+    /** The base class of each position: kept text at the start (prefix), at the end (suffix), between, or not. */
+    function pieceClasses(n, fixed, prefixTokens, suffixTokens) {
+      if (!Array.isArray(fixed) || fixed.length !== n) {
+        fixed = Array.from({ length: n }, (_, i) => i < prefixTokens || i >= n - suffixTokens);
+      }
+      const lead = fixed.indexOf(false) === -1 ? n : fixed.indexOf(false);
+      const trail = fixed.lastIndexOf(false) + 1;
+      return fixed.map((kept, i) => {
+        if (!kept) return "tok";
+        if (i < lead) return "tok fixed prefix";
+        if (i >= trail) return "tok fixed suffix";
+        return "tok fixed kept";
+      });
     }
 
     /** Redraw one panel from this step's pieces; only positions that changed are touched. */
-    function drawPieces(info, pieces, prefixTokens, suffixTokens) {
+    function drawPieces(info, pieces, classes) {
       const n = pieces.length;
-      const rebuild = info.spans.length !== n || info.prefixTokens !== prefixTokens
-        || info.suffixTokens !== suffixTokens;
+      const layout = classes.join("|");
+      const pieceClass = (i) => classes[i];
+      const rebuild = info.spans.length !== n || info.layout !== layout;
       if (rebuild) {
         // First drawing: with masks about (an absorbing model), what is already filled was revealed just now.
         const fresh = pieces.includes(MASK) ? " revealed" : "";
@@ -351,15 +409,14 @@
         for (let i = 0; i < n; i++) {
           const span = document.createElement("span");
           const piece = pieces[i];
-          const base = pieceClass(i, n, prefixTokens, suffixTokens);
+          const base = pieceClass(i);
           span.className = base + (piece === MASK ? " mask" : base === "tok" ? fresh : "");
           span.textContent = piece;
           info.spans[i] = span;
           frag.append(span);
         }
         info.text.replaceChildren(frag);
-        info.prefixTokens = prefixTokens;
-        info.suffixTokens = suffixTokens;
+        info.layout = layout;
         info.pieces = pieces.slice();
         return;
       }
@@ -369,7 +426,7 @@
         if (piece === old[i]) continue;
         // A fresh element restarts the highlight animation even if this position changed last step too.
         const span = document.createElement("span");
-        const base = pieceClass(i, n, prefixTokens, suffixTokens);
+        const base = pieceClass(i);
         span.className = piece === MASK ? `${base} mask` : `${base} revealed`;
         span.textContent = piece;
         info.spans[i].replaceWith(span);
@@ -378,10 +435,42 @@
       info.pieces = pieces.slice();
     }
 
-    /** The final text, with the prompt styled apart when the text starts/ends with it. */
-    function drawFinal(info, text, prefix, suffix) {
+    /** Kept text and generated gaps of a final text from the gaps' character ranges, or null. */
+    function splitBySpans(text, spans) {
+      if (!Array.isArray(spans)) return null;
+      const chars = Array.from(text);
+      const parts = [];
+      let at = 0;
+      for (const range of spans) {
+        const [start, end] = Array.isArray(range) ? range.map(Number) : [NaN, NaN];
+        if (!(Number.isInteger(start) && Number.isInteger(end) && at <= start && start <= end && end <= chars.length)) {
+          return null; // not what the page expects: draw without them
+        }
+        if (start > at) parts.push({ kept: true, text: chars.slice(at, start).join("") });
+        if (end > start) parts.push({ kept: false, text: chars.slice(start, end).join("") });
+        at = end;
+      }
+      if (at < chars.length) parts.push({ kept: true, text: chars.slice(at).join("") });
+      return parts;
+    }
+
+    /** The final text, with kept text styled apart: from the gaps' spans, else the prefix/suffix it starts/ends with. */
+    function drawFinal(info, text, prefix, suffix, spans) {
       info.final = text;
       const frag = document.createDocumentFragment();
+      const parts = splitBySpans(text, spans);
+      if (parts) {
+        parts.forEach((part, i) => {
+          if (!part.kept) frag.append(span("tok generated", part.text));
+          else if (i === 0) frag.append(span("tok fixed prefix", part.text));
+          else if (i === parts.length - 1) frag.append(span("tok fixed suffix", part.text));
+          else frag.append(span("tok fixed kept", part.text));
+        });
+        info.text.replaceChildren(frag);
+        info.spans = [];
+        info.pieces = [];
+        return;
+      }
       let body = text;
       let head = "";
       let tail = "";
@@ -408,18 +497,28 @@
       return s;
     }
 
+    /** The panels a run draws into: one per sample, or for a rewrite the one panel being rewritten. */
+    function targetPanels(count) {
+      if (run.target === null) {
+        ensurePanels(count);
+        return run.panels;
+      }
+      return [run.panels[run.target]];
+    }
+
     function onStep(data) {
       const samples = Array.isArray(data.samples) ? data.samples : [];
-      ensurePanels(samples.length);
+      const panels = targetPanels(samples.length);
       const prefixTokens = Number(data.prefix_tokens) || 0;
       const suffixTokens = Number(data.suffix_tokens) || 0;
       let masks = 0;
-      samples.forEach((sample, i) => {
+      samples.slice(0, panels.length).forEach((sample, i) => {
         const pieces = Array.isArray(sample.pieces) ? sample.pieces.map(String) : Array.from(String(sample.text || ""));
-        drawPieces(run.panels[i], pieces, prefixTokens, suffixTokens);
+        const fixed = Array.isArray(sample.fixed) ? sample.fixed : data.fixed;
+        drawPieces(panels[i], pieces, pieceClasses(pieces.length, fixed, prefixTokens, suffixTokens));
         const left = Number.isFinite(sample.masks_left) ? sample.masks_left : pieces.filter((p) => p === MASK).length;
         masks += left;
-        run.panels[i].meta.textContent = `${left} masked`;
+        panels[i].meta.textContent = `${left} masked`;
       });
       run.step = data.step;
       run.steps = data.steps;
@@ -430,20 +529,21 @@
 
     function onDone(data, raw) {
       const samples = Array.isArray(data.samples) ? data.samples : [];
-      ensurePanels(samples.length);
+      const panels = targetPanels(samples.length);
       const prefix = typeof data.prefix === "string" ? data.prefix : run.prefix;
       const suffix = typeof data.suffix === "string" ? data.suffix : run.suffix;
-      samples.forEach((sample, i) => {
-        const info = run.panels[i];
+      samples.slice(0, panels.length).forEach((sample, i) => {
+        const info = panels[i];
         const text = String(sample.text ?? "");
-        drawFinal(info, text, prefix, suffix);
+        drawFinal(info, text, prefix, suffix, sample.spans);
         const chars = Array.from(text).length;
         info.meta.textContent = `${chars} ${chars === 1 ? "character" : "characters"}`;
         info.copy.hidden = false;
       });
       el.output.classList.add("finished");
       setProgress(1);
-      const parts = [`Done: ${samples.length} ${samples.length === 1 ? "sample" : "samples"}`];
+      const parts = [run.target === null ? `Done: ${samples.length} ${samples.length === 1 ? "sample" : "samples"}`
+        : `Rewrote a span of sample ${run.target + 1}`];
       const timing = data.timing || {};
       const seconds = timing.total_s ?? timing.run_s;
       if (Number.isFinite(seconds)) parts.push(`${seconds.toFixed(2)} s`);
@@ -461,6 +561,7 @@
       const hadFocus = document.activeElement;
       el.generate.disabled = running;
       el.stop.disabled = !running;
+      syncRewrite(running);
       el.form.setAttribute("aria-busy", running ? "true" : "false");
       // Keep keyboard focus on a usable button when the focused one becomes disabled.
       if (running && hadFocus === el.generate) el.stop.focus();
@@ -473,7 +574,33 @@
       return /^-?\d+$/.test(raw) ? raw : NaN;
     }
 
+    /** JSON with the form's integers written as the digits typed, so big seeds keep every digit. */
+    function withIntegers(body, names) {
+      const inputs = { num_samples: el.samples, steps: el.steps, length: el.length, seed: el.seed };
+      let json = JSON.stringify(body);
+      for (const name of names) {
+        const input = inputs[name];
+        const v = readInt(input);
+        if (Number.isNaN(v)) throw new Error(`${input.labels[0].firstChild.textContent.trim()} must be a whole number`);
+        json = json.replace(`"${name}":null`, `"${name}":${v === null ? "null" : BigInt(v).toString()}`);
+      }
+      return json;
+    }
+
     function buildBody() {
+      if (el.mode.value === "template") {
+        const body = {
+          segments: parseTemplate(el.template.value),
+          num_samples: null,
+          steps: null,
+          predictor: el.predictor.value,
+          seed: null,
+          stream: true,
+          stream_every: 1,
+          pieces: true,
+        };
+        return { json: withIntegers(body, ["num_samples", "steps", "seed"]), path: "infill", prefix: "", suffix: "" };
+      }
       const infill = el.mode.value === "infill";
       const body = {
         num_samples: null,
@@ -489,20 +616,67 @@
         body.prefix = el.prefix.value;
         body.suffix = el.suffix.value;
       }
-      // Integers go into the JSON as the digits typed, so big seeds keep every digit.
-      const ints = { num_samples: el.samples, steps: el.steps, length: el.length, seed: el.seed };
-      const raw = {};
-      for (const [name, input] of Object.entries(ints)) {
-        const v = readInt(input);
-        if (Number.isNaN(v)) throw new Error(`${input.labels[0].firstChild.textContent.trim()} must be a whole number`);
-        raw[name] = v;
-      }
-      let json = JSON.stringify(body);
-      for (const [name, v] of Object.entries(raw)) {
-        json = json.replace(`"${name}":null`, `"${name}":${v === null ? "null" : BigInt(v).toString()}`);
-      }
-      return { json, infill, prefix: body.prefix || "", suffix: body.suffix || "" };
+      const json = withIntegers(body, ["num_samples", "steps", "length", "seed"]);
+      return { json, path: infill ? "infill" : "sample", prefix: body.prefix || "", suffix: body.suffix || "" };
     }
+
+    /* ---- rewriting a selected span -------------------------------------------------- */
+    let selected = null; // {target, start, end} of the current selection inside one finished sample
+
+    /** The selection as code-point offsets into one finished sample's text, or null. */
+    function selectionInSample() {
+      const sel = getSelection();
+      if (!run || !sel || sel.rangeCount === 0 || sel.isCollapsed) return null;
+      const range = sel.getRangeAt(0);
+      const target = run.panels.findIndex((p) => p.text.contains(range.commonAncestorContainer));
+      const info = run.panels[target];
+      if (!info || !info.final || info.text.textContent !== info.final) return null; // finished text only
+      const before = document.createRange();
+      before.selectNodeContents(info.text);
+      before.setEnd(range.startContainer, range.startOffset);
+      const from = before.toString().length;
+      const start = codePoints(info.final, from);
+      const end = codePoints(info.final, from + range.toString().length);
+      return end > start ? { target, start, end } : null;
+    }
+
+    function syncRewrite(running = controller !== null) {
+      selected = running ? null : selectionInSample();
+      el.rewrite.disabled = selected === null;
+    }
+    document.addEventListener("selectionchange", () => syncRewrite());
+    // Pressing the button must not move focus or clear the selection it acts on.
+    el.rewrite.addEventListener("mousedown", (ev) => ev.preventDefault());
+
+    function buildRewrite() {
+      const { target, start, end } = selected;
+      const body = {
+        text: run.panels[target].final,
+        spans: [[start, end]],
+        num_samples: 1,
+        steps: null,
+        predictor: el.predictor.value,
+        seed: null,
+        stream: true,
+        stream_every: 1,
+        pieces: true,
+      };
+      return { json: withIntegers(body, ["steps", "seed"]), path: "rewrite", target, prefix: "", suffix: "" };
+    }
+
+    function rewrite() {
+      if (controller || !selected) return;
+      let request;
+      try {
+        request = buildRewrite();
+      } catch (err) {
+        setStatus(err.message, "error");
+        return;
+      }
+      getSelection().removeAllRanges();
+      start(request);
+    }
+    el.rewrite.addEventListener("click", rewrite);
 
     async function generate() {
       if (controller) return;
@@ -513,17 +687,28 @@
         setStatus(err.message, "error");
         return;
       }
+      start({ ...request, target: null });
+    }
+
+    /** Run one request: a fresh set of panels, or (target set) a rewrite drawn into that panel alone. */
+    async function start(request) {
       controller = new AbortController();
       const mine = controller;
-      run = { panels: [], step: 0, steps: 0, prefix: request.prefix, suffix: request.suffix, ended: false };
-      el.output.replaceChildren();
-      el.output.classList.remove("finished", "stopped");
-      delete el.output.dataset.count;
+      const panels = request.target === null || !run ? [] : run.panels;
+      run = { panels, target: request.target, step: 0, steps: 0, prefix: request.prefix, suffix: request.suffix,
+              ended: false };
+      if (request.target === null) {
+        el.output.replaceChildren();
+        el.output.classList.remove("finished", "stopped");
+        delete el.output.dataset.count;
+      } else {
+        panels[request.target].copy.hidden = true; // until the panel shows finished text again
+      }
       setProgress(0);
       setRunning(true);
       setStatus("Waiting for the server…", "running");
       try {
-        const response = await fetch(api(request.infill ? "infill" : "sample"), {
+        const response = await fetch(api(request.path), {
           method: "POST",
           headers: headers(false),
           body: request.json,
@@ -584,6 +769,10 @@
       } finally {
         if (controller === mine) controller = null;
         mine.abort(); // make sure the connection is closed whatever ended the run
+        if (run.target !== null) {
+          const info = run.panels[run.target]; // a rewrite refused before its first step leaves the text as it was
+          info.copy.hidden = info.text.textContent !== info.final;
+        }
         setRunning(false);
       }
     }
@@ -616,7 +805,7 @@
   }
 
   // For tests and for whoever wants to reuse them.
-  window.SEDD = { SSEParser, readEvents, describeDetail };
+  window.SEDD = { SSEParser, readEvents, describeDetail, parseTemplate };
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
   else init();

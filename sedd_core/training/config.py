@@ -1,28 +1,37 @@
-"""The training config: a tree of dataclasses read from YAML, with `section.key=value` overrides.
+"""The training config: pydantic models read from YAML, with `section.key=value` overrides.
 
 The layout follows the authors' `configs/config.yaml` (model, graph, noise, training,
 data), flattened where they split the optimiser out: here `training.lr`,
 `training.warmup` and friends sit beside `training.batch_size`. Packaged configs
 (`default`, `tiny`) live in `sedd_core/configs/` and are named without `.yaml`.
+Every failure is a `TrainConfigError` that names the key to fix.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..config import GRAPH_TYPES, NOISE_TYPES, ConfigError, SEDDConfig
 from ..hub import OXEN_HOST
 from ..tokenizers import DEFAULT_CHARS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-TOKENIZERS = ("char", "gpt2")
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+TokenizerName = Literal["char", "gpt2"]
+ExportDtype = Literal["float32", "float16", "bfloat16"]
+TOKENIZERS = get_args(TokenizerName)
+EXPORT_DTYPES = get_args(ExportDtype)
 CHAR_TOKENS = len(DEFAULT_CHARS) + 2  # 98: [PAD], [UNK] and Oxen's 96 characters
 GPT2_TOKENS = 50257
 
@@ -31,67 +40,117 @@ class TrainConfigError(ConfigError):
     """A training config that cannot be used; the message names the field to fix."""
 
 
-@dataclass
-class ModelSection:
-    hidden_size: int = 256
-    cond_dim: int = 64
-    n_blocks: int = 6
-    n_heads: int = 4
-    length: int = 128
-    dropout: float = 0.1
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would take true as 1
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+def _yaml_int(value: Any) -> Any:
+    """YAML 1.1 reads `2e5` as a string; an integral number written so is still an int."""
+    value = _number(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else value
+    return value
+
+
+def _yaml_none(value: Any) -> Any:
+    return None if isinstance(value, str) and value.lower() in ("null", "none", "~") else value
+
+
+def _as_list(value: Any) -> Any:
+    """`--set data.train=notes.txt` gives one path, not a list of them."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int, float)) else value
+
+
+Int = Annotated[int, BeforeValidator(_yaml_int)]
+Float = Annotated[float, BeforeValidator(_number)]
+Count = Annotated[int, BeforeValidator(_yaml_int), Field(ge=1)]
+Every = Annotated[int, BeforeValidator(_yaml_int), Field(ge=0)]  # 0 turns it off
+Paths = Annotated[list[str], BeforeValidator(_as_list)]
+OptionalStr = Annotated[str | None, BeforeValidator(_yaml_none)]
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, not a silently ignored key
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ModelSection(Section):
+    hidden_size: Count = 256
+    cond_dim: Count = 64
+    n_blocks: Count = 6
+    n_heads: Count = 4
+    length: Count = 128
+    dropout: Float = Field(0.1, ge=0, lt=1)
     scale_by_sigma: bool = True
     name: str = "sedd-char"
 
 
-@dataclass
-class GraphSection:
+class GraphSection(Section):
     type: str = "absorb"
 
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in GRAPH_TYPES:
+            raise ValueError(f"must be one of {', '.join(GRAPH_TYPES)}, got {value!r}")
+        return value
 
-@dataclass
-class NoiseSection:
+
+class NoiseSection(Section):
     type: str = "loglinear"
-    sigma_min: float = 1e-4
-    sigma_max: float = 20.0
+    sigma_min: Float = 1e-4
+    sigma_max: Float = 20.0
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in NOISE_TYPES:
+            raise ValueError(f"must be one of {', '.join(NOISE_TYPES)}, got {value!r}")
+        return value
 
 
-@dataclass
-class TrainingSection:
-    batch_size: int = 64
-    accum: int = 1                 # micro-batches per optimiser step (the batch is batch_size * accum)
-    n_iters: int = 200_000         # total optimiser steps; raise it with --set on --resume to train longer
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup: int = 1000             # steps of linear warm-up from lr/warmup to lr, then constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0         # max global gradient norm; 0 turns clipping off
-    ema: float = 0.999             # EMA decay of the weights (the authors use 0.9999 for long runs)
-    eval_every: int = 500
-    eval_batches: int = 4          # fixed held-out batches per evaluation
-    eval_batch_size: int = 0       # 0: batch_size
-    snapshot_every: int = 2000     # sample snapshots into RUN_DIR/samples/
-    snapshot_samples: int = 4      # unconditional samples per snapshot (plus one infill)
-    snapshot_steps: int = 64       # denoising steps per snapshot sample
-    checkpoint_every: int = 500
-    export_dtype: str = "float32"  # dtype of the exported EMA weights in RUN_DIR/checkpoint.pth
-    seed: int = 0
+class TrainingSection(Section):
+    batch_size: Count = 64
+    accum: Count = 1               # micro-batches per optimiser step (the batch is batch_size * accum)
+    n_iters: Every = 200_000       # total optimiser steps; raise it with --set on --resume to train longer
+    lr: Float = Field(3e-4, gt=0)
+    beta1: Float = 0.9
+    beta2: Float = 0.999
+    eps: Float = 1e-8
+    warmup: Every = 1000           # steps of linear warm-up from lr/warmup to lr, then constant
+    weight_decay: Float = 0.0
+    grad_clip: Float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
+    ema: Float = Field(0.999, ge=0, lt=1)  # EMA decay of the weights (the authors use 0.9999 for long runs)
+    eval_every: Every = 500
+    eval_batches: Count = 4        # fixed held-out batches per evaluation
+    eval_batch_size: Every = 0     # 0: batch_size
+    snapshot_every: Every = 2000   # sample snapshots into RUN_DIR/samples/
+    snapshot_samples: Every = 4    # unconditional samples per snapshot (plus one infill)
+    snapshot_steps: Count = 64     # denoising steps per snapshot sample
+    checkpoint_every: Every = 500
+    export_dtype: ExportDtype = "float32"  # dtype of the exported EMA weights in RUN_DIR/checkpoint.pth
+    seed: Int = 0
 
 
-@dataclass
-class DataSection:
-    train: list[str] = field(default_factory=list)   # text files, or folders (train.txt, else every *.txt)
-    valid: list[str] = field(default_factory=list)   # held-out text; empty: the last valid_fraction of train
-    valid_fraction: float = 0.05
-    hf_dataset: str | None = None                    # a Hugging Face dataset name instead of files
+class DataSection(Section):
+    train: Paths = Field(default_factory=list)            # text files, or folders (train.txt, else every *.txt)
+    valid: Paths = Field(default_factory=list)            # held-out text; empty: the last valid_fraction of train
+    valid_fraction: Float = Field(0.05, gt=0, lt=1)
+    hf_dataset: OptionalStr = None  # a Hugging Face dataset name instead of files
     hf_train_split: str = "train"
-    hf_valid_split: str | None = None                # None: held out from the train split
+    hf_valid_split: OptionalStr = None  # None: held out from the train split
     hf_column: str = "text"
 
 
-@dataclass
-class PushSection:
+class PushSection(Section):
     """Where `--repo` pushes to (an Oxen hub) and what goes there."""
 
     host: str = OXEN_HOST
@@ -101,150 +160,111 @@ class PushSection:
     background: bool = True        # push from a thread so a slow network never stalls training
 
 
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    tokenizer: str = "char"        # char: Oxen's 98-token character vocabulary; gpt2: GPT-2 BPE (50257)
-    tokens: int | None = None      # derived from the tokenizer when left out
-    graph: GraphSection = field(default_factory=GraphSection)
-    noise: NoiseSection = field(default_factory=NoiseSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    data: DataSection = field(default_factory=DataSection)
-    push: PushSection = field(default_factory=PushSection)
+class TrainConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: TokenizerName = "char"  # char: Oxen's 98-token character vocabulary; gpt2: GPT-2 BPE (50257)
+    tokens: Annotated[Int | None, BeforeValidator(_yaml_none)] = None  # derived from the tokenizer when left out
+    graph: GraphSection = Field(default_factory=GraphSection)
+    noise: NoiseSection = Field(default_factory=NoiseSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    data: DataSection = Field(default_factory=DataSection)
+    push: PushSection = Field(default_factory=PushSection)
+
+    @field_validator("model", "graph", "noise", "training", "data", "push", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return {} if value is None else value  # `model:` with nothing under it
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        expected = CHAR_TOKENS if self.tokenizer == "char" else GPT2_TOKENS
+        if self.tokens is not None and self.tokens != expected:
+            raise TrainConfigError(
+                f"tokens is {self.tokens} but the {self.tokenizer} tokenizer has {expected}; leave `tokens` out")
+        if self.model.scale_by_sigma and self.graph.type != "absorb":
+            raise TrainConfigError("model.scale_by_sigma only applies to the absorbing graph; set it to false")
+        m = self.model
+        if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
+            raise TrainConfigError(
+                f"model.hidden_size {m.hidden_size} must split into n_heads {m.n_heads} heads of even width")
+        return self
 
     # ---- derived -----------------------------------------------------------------------------
 
     @property
     def vocab_tokens(self) -> int:
-        return int(self.tokens) if self.tokens is not None else (CHAR_TOKENS if self.tokenizer == "char"
-                                                                else GPT2_TOKENS)
+        return self.tokens if self.tokens is not None else (CHAR_TOKENS if self.tokenizer == "char"
+                                                            else GPT2_TOKENS)
 
     def sedd_config(self) -> SEDDConfig:
         """The model config our loader reads back from RUN_DIR/config.yaml."""
-        m = self.model
         return SEDDConfig.from_dict({
             "tokens": self.vocab_tokens,
             "graph": {"type": self.graph.type},
-            "noise": {"type": self.noise.type, "sigma_min": self.noise.sigma_min, "sigma_max": self.noise.sigma_max},
-            "model": {"name": m.name, "hidden_size": m.hidden_size, "cond_dim": m.cond_dim, "length": m.length,
-                      "n_blocks": m.n_blocks, "n_heads": m.n_heads, "scale_by_sigma": m.scale_by_sigma,
-                      "dropout": m.dropout},
+            "noise": self.noise.model_dump(),
+            "model": self.model.model_dump(),
             "tokenizer": self.tokenizer,
         })
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TrainConfig:
-        config = _build(cls, data or {}, "")
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        m, t = self.model, self.training
-        if self.tokenizer not in TOKENIZERS:
-            raise TrainConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
-        expected = CHAR_TOKENS if self.tokenizer == "char" else GPT2_TOKENS
-        if self.tokens is not None and int(self.tokens) != expected:
-            raise TrainConfigError(
-                f"tokens is {self.tokens} but the {self.tokenizer} tokenizer has {expected}; leave `tokens` out")
-        if self.graph.type not in GRAPH_TYPES:
-            raise TrainConfigError(f"graph.type must be one of {', '.join(GRAPH_TYPES)}, got {self.graph.type!r}")
-        if self.noise.type not in NOISE_TYPES:
-            raise TrainConfigError(f"noise.type must be one of {', '.join(NOISE_TYPES)}, got {self.noise.type!r}")
-        if m.scale_by_sigma and self.graph.type != "absorb":
-            raise TrainConfigError("model.scale_by_sigma only applies to the absorbing graph; set it to false")
-        for name in ("hidden_size", "cond_dim", "n_blocks", "n_heads", "length"):
-            if getattr(m, name) < 1:
-                raise TrainConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
-        if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
-            raise TrainConfigError(
-                f"model.hidden_size {m.hidden_size} must split into n_heads {m.n_heads} heads of even width")
-        if not 0 <= m.dropout < 1:
-            raise TrainConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        for name in ("batch_size", "accum", "eval_batches", "snapshot_steps"):
-            if getattr(t, name) < 1:
-                raise TrainConfigError(f"training.{name} must be at least 1, got {getattr(t, name)}")
-        for name in ("n_iters", "warmup", "eval_every", "snapshot_every", "checkpoint_every", "eval_batch_size",
-                     "snapshot_samples"):
-            if getattr(t, name) < 0:
-                raise TrainConfigError(f"training.{name} must not be negative, got {getattr(t, name)}")
-        if t.lr <= 0:
-            raise TrainConfigError(f"training.lr must be positive, got {t.lr}")
-        if not 0 <= t.ema < 1:
-            raise TrainConfigError(f"training.ema must be in [0, 1), got {t.ema}")
-        if t.grad_clip < 0:
-            raise TrainConfigError(f"training.grad_clip must not be negative (0 turns it off), got {t.grad_clip}")
-        if t.export_dtype not in EXPORT_DTYPES:
-            raise TrainConfigError(
-                f"training.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {t.export_dtype!r}")
-        if not 0 < self.data.valid_fraction < 1:
-            raise TrainConfigError(f"data.valid_fraction must be in (0, 1), got {self.data.valid_fraction}")
+        if data is not None and not isinstance(data, Mapping):
+            raise TrainConfigError(f"the config must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
 
-# ---- building dataclasses from plain data ------------------------------------------------------
+# ---- pydantic's errors as one message that names the key ----------------------------------------
+
+_TYPE_NAMES = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list",
+               "model": "a mapping", "dict": "a mapping"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
 
 
-def _build(cls, data: Mapping[str, Any], where: str):
-    if not isinstance(data, Mapping):
-        raise TrainConfigError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise TrainConfigError(
-            f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-            f"{where.rstrip('.') or 'the top level'} takes: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, where + name)
-    return cls(**kwargs)
+def _model_at(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation if isinstance(part, str) else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
 
 
-def _coerce(hint, value, where: str):
-    """`value` as type `hint`: YAML gives 1e-3 as a string and ints where floats are meant."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, where + ".")
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if type(None) in args:  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if origin is list:
-        if value is None:
-            return []
-        items = [value] if isinstance(value, (str, int, float)) else value
-        if not isinstance(items, (list, tuple)):
-            raise TrainConfigError(f"{where} must be a list, got {type(value).__name__}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(items)]
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return value.lower() in ("true", "yes", "on", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if hint is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, (str, float)) else int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if hint is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise TrainConfigError(f"{where} must be {hint.__name__}, got {value!r}") from None
-    return value
+def _describe(error: dict) -> str:
+    loc = error["loc"]
+    where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "extra_forbidden":
+        section = _model_at(loc[:-1])
+        return (f"unknown key {where}; {'.'.join(map(str, loc[:-1])) or 'the top level'} takes: "
+                f"{', '.join(section.model_fields)}")
+    if isinstance(ctx.get("error"), TrainConfigError):
+        return str(ctx["error"])
+    if kind in _BOUNDS:
+        limit = next(iter(ctx.values()))
+        return f"{where} must be {_BOUNDS[kind]} {limit}, got {value!r}"
+    if kind == "literal_error":
+        return f"{where} must be one of {ctx.get('expected')}, got {value!r}"
+    if kind == "value_error":
+        return f"{where} {ctx.get('error')}"
+    expected = _TYPE_NAMES.get(kind.split("_")[0])
+    if expected and kind.endswith(("_type", "_parsing", "_from_float")):
+        return f"{where} must be {expected}, got {value!r}"
+    return f"{where or 'the config'}: {error['msg']}"
+
+
+def _config_error(exc: ValidationError) -> TrainConfigError:
+    errors = exc.errors()
+    for error in errors:  # a cross-field check raises the finished message itself
+        if isinstance((error.get("ctx") or {}).get("error"), TrainConfigError):
+            return error["ctx"]["error"]
+    return TrainConfigError("; ".join(_describe(e) for e in errors))
 
 
 # ---- files and overrides -----------------------------------------------------------------------

@@ -20,388 +20,48 @@ synthetic model with random weights of a named --preset shape):
    on CUDA; on a CPU the growth of the process's peak resident set (VmHWM, reset through
    /proc/self/clear_refs before each configuration; ru_maxrss growth where that is unavailable).
 
-The naive loop below is a measuring stick, not part of the library API.
+The naive loop (benchmarks/naive.py) is a measuring stick, not part of the library API.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from .config import SEDDConfig
-from .graph import Graph, graph_from_config
-from .loading import LoadedModel, load, resolve_device, resolve_dtype
-from .model import SEDD
-from .noise import Noise, noise_from_config
-from .sampling import SAMPLING_EPS, denoising_step
+from sedd_core.fast_model import FastSEDD
+from sedd_core.generation import make_job
+from sedd_core.loading import LoadedModel, load, resolve_device, resolve_dtype
+from sedd_core.sampling import denoising_step
 
-# ---------------------------------------------------------------------------------------------------
-# Synthetic models
-# ---------------------------------------------------------------------------------------------------
-
-CHAR_TOKENS, GPT2_TOKENS = 98, 50257
-PRESETS: dict[str, dict[str, Any]] = {
-    # the shape of the shipped default character model (sedd_core/configs/default.yaml)
-    "char-default": dict(tokens=CHAR_TOKENS, hidden_size=256, cond_dim=64, n_blocks=6, n_heads=4, length=128),
-    # a ~6M-parameter character model at length 256
-    "char-6m-256": dict(tokens=CHAR_TOKENS, hidden_size=256, cond_dim=128, n_blocks=6, n_heads=4, length=256),
-    # a 12-position character model (the shape of reference/tiny-five, wider)
-    "short12": dict(tokens=CHAR_TOKENS, hidden_size=128, cond_dim=64, n_blocks=3, n_heads=4, length=12),
-    # GPT-2 vocabulary on a small trunk: the vocabulary-wide maths dominate
-    "gpt2-small-trunk": dict(tokens=GPT2_TOKENS, hidden_size=256, cond_dim=64, n_blocks=4, n_heads=4, length=256),
-    # the shape of SEDD-medium (424M parameters); random weights. Very slow on a CPU: use a GPU
-    "sedd-medium": dict(tokens=GPT2_TOKENS, hidden_size=1024, cond_dim=128, n_blocks=24, n_heads=16, length=1024),
-}
-
-
-class _IdTokenizer:
-    """Stands in for a tokenizer on synthetic GPT-2-vocabulary models: the benchmark never decodes."""
-
-    name = "ids"
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def unknown_characters(self, text: str) -> list[str]:
-        return []
-
-    def encode(self, text: str) -> list[int]:
-        if text:
-            raise ValueError("synthetic benchmark models take no prompt")
-        return []
-
-    def decode(self, tokens, mask_id=None, placeholder=None) -> str:
-        return " ".join(str(t) for t in tokens)
-
-
-def preset_config(name: str, length: int | None = None) -> SEDDConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-    p = dict(PRESETS[name])
-    tokens = p.pop("tokens")
-    if length is not None:
-        p["length"] = max(int(length), 1)
-    return SEDDConfig.from_dict({
-        "tokens": tokens, "graph": {"type": "absorb"}, "noise": {"type": "loglinear"},
-        "model": {**p, "scale_by_sigma": True, "dropout": 0.0, "name": f"bench-{name}"},
-    })
-
-
-def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                    length: int | None = None) -> LoadedModel:
-    """A model of a preset's shape with random weights (PyTorch's default init), made on `device`."""
-    from .tokenizers import CharTokenizer
-
-    config = preset_config(name, length)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = SEDD(config)
-    inv_freq = model.rotary_emb.inv_freq.float().clone()
-    model.to(dtype=dtype)
-    model.rotary_emb.inv_freq = inv_freq  # rotary tables stay float32, as loading.build_model keeps them
-    model.eval()
-    tokenizer = CharTokenizer() if config.tokens == CHAR_TOKENS else _IdTokenizer(config.tokens)
-    return LoadedModel(model=model, graph=graph_from_config(config), noise=noise_from_config(config),
-                       tokenizer=tokenizer, config=config, device=device, dtype=dtype, path=Path(f"<{name}>"),
-                       source=f"preset:{name}", layout="synthetic")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The naive baseline: what the authors' sampling loop does. Not part of the library API.
-# ---------------------------------------------------------------------------------------------------
-
-def authors_forward(model: SEDD, indices: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The authors' DDiT forward (model/transformer.py, model/rotary.py) over our module's weights.
-
-    Same maths as `SEDD.forward`, in their structure: rotary on the packed qkv with an identity for v,
-    layer norm then a separate weight multiply, modulate and gated residual as separate ops, full output
-    at every position. flash-attn's packed varlen kernel is replaced by PyTorch SDPA (no flash-attn on a
-    CPU). Baseline only."""
-    x = model.vocab_embed.embedding[indices]
-    c = F.silu(model.sigma_map(sigma))
-    seq_len = x.shape[1]
-    t = torch.arange(seq_len, device=x.device).type_as(model.rotary_emb.inv_freq)
-    freqs = torch.einsum("i,j->ij", t, model.rotary_emb.inv_freq.clone())
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos()[None, :, None, None, :].repeat(1, 1, 3, 1, 1)
-    sin = emb.sin()[None, :, None, None, :].repeat(1, 1, 3, 1, 1)
-    cos[:, :, 2].fill_(1.0)
-    sin[:, :, 2].fill_(0.0)
-
-    def layer_norm(norm, h):
-        return F.layer_norm(h.float(), [norm.dim]) * norm.weight[None, None, :]
-
-    def rotate_half(h):
-        h1, h2 = h[..., : h.shape[-1] // 2], h[..., h.shape[-1] // 2:]
-        return torch.cat((-h2, h1), dim=-1)
-
-    autocast = model._autocast(x.device)
-    with autocast:
-        for block in model.blocks:
-            batch = x.shape[0]
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                block.adaLN_modulation(c)[:, None].chunk(6, dim=2))
-            x_skip = x
-            h = layer_norm(block.norm1, x) * (1 + scale_msa) + shift_msa
-            qkv = rearrange(block.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=block.n_heads)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                qkv = qkv * cos.to(qkv.dtype) + rotate_half(qkv) * sin.to(qkv.dtype)
-            q, k, v = rearrange(qkv, "b s three h d -> three b h s d")
-            h = rearrange(F.scaled_dot_product_attention(q, k, v), "b h s d -> b s (h d)", b=batch)
-            x = x_skip + gate_msa * block.attn_out(h)
-            h = layer_norm(block.norm2, x) * (1 + scale_mlp) + shift_mlp
-            x = x + gate_mlp * block.mlp(h)
-        out = model.output_layer
-        shift, scale = out.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        x = out.linear(layer_norm(out.norm_final, x) * (1 + scale) + shift)
-    if model.scale_by_sigma:
-        esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log().to(x.dtype)[:, None, None]
-        x = x - esigm1_log - math.log(x.shape[-1] - 1)
-    return torch.scatter(x, -1, indices[..., None], torch.zeros_like(x[..., :1]))
-
-
-def authors_sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return (probs / (1e-10 - (u + 1e-10).log())).argmax(dim=-1)
-
-
-def naive_generate(model: SEDD, graph: Graph, noise: Noise, rows: int, length: int, steps: int,
-                   generator: torch.Generator | None = None,
-                   network: Callable[[SEDD, torch.Tensor, torch.Tensor], torch.Tensor] = authors_forward,
-                   max_steps: int | None = None, on_probs: Callable | None = None) -> torch.Tensor:
-    """The authors' pc_sampler, analytic predictor then final denoise: baseline only, not library API.
-
-    Every step takes the network's full output, exponentiates it and applies the vocabulary-wide
-    staggered-score x transposed-transition formula at every position. `max_steps` stops after that
-    many predictor steps (to time a prefix of a long run); `on_probs(kind, x, probs)` sees each step."""
-    device = model.output_layer.linear.weight.device
-    x = graph.sample_limit(rows, length, device=device, generator=generator)
-    timesteps = torch.linspace(1, SAMPLING_EPS, steps + 1, device=device)
-    dt = (1 - SAMPLING_EPS) / steps
-    with torch.inference_mode():
-        for i in range(steps if max_steps is None else min(steps, max_steps)):
-            t = timesteps[i] * torch.ones(x.shape[0], 1, device=device)
-            curr_sigma = noise(t)[0]
-            dsigma = curr_sigma - noise(t - dt)[0]
-            score = network(model, x, curr_sigma.reshape(-1)).float().exp()
-            probs = graph.staggered_score(score, dsigma) * graph.transp_transition(x, dsigma)
-            if on_probs is not None:
-                on_probs("analytic", x, probs)
-            x = authors_sample_categorical(probs, generator)
-        if max_steps is None or max_steps >= steps:
-            t = timesteps[-1] * torch.ones(x.shape[0], 1, device=device)
-            sigma = noise(t)[0]
-            score = network(model, x, sigma.reshape(-1)).float().exp()
-            probs = (graph.staggered_score(score, sigma) * graph.transp_transition(x, sigma))[..., :-1]
-            if on_probs is not None:
-                on_probs("denoise", x, probs)
-            x = authors_sample_categorical(probs, generator)
-    return x
-
-
-def naive_over_our_network(model: SEDD, indices: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return model(indices, sigma)
-
+from .measure import FlopCount, MatmulPeak, PeakMemory, device_name, memory_method, stats, timed
+from .naive import authors_forward, naive_generate
+from .presets import PRESETS, synthetic_model
 
 # ---------------------------------------------------------------------------------------------------
 # Our path
 # ---------------------------------------------------------------------------------------------------
 
-def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0) -> tuple[torch.Tensor, int, int]:
-    """One request of `rows` samples through the library's generation path.
+def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0,
+             fused: bool = False) -> tuple[torch.Tensor, int, int]:
+    """One request of `rows` samples through the library's generation path (`fused`: the step maths
+    as one compiled pass, see sampling.denoising_step).
 
     Returns (tokens, positions that got the output layer, network passes run): a step with no
     masked position left runs no pass."""
-    from .generation import make_job
-
     job = make_job(lm, num_samples=rows, steps=steps, length=length, predictor="analytic", seed=seed)
     positions = passes = 0
     while not job.done:  # generation.iterate, keeping the count of output-layer positions
-        work = denoising_step(lm.model, lm.graph, lm.noise, [job])
+        work = denoising_step(lm.runner, lm.graph, lm.noise, [job], fused=fused)
         positions += work
         passes += work > 0
     return job.x, positions, passes
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def stats(samples: list[float]) -> dict[str, Any]:
-    return {"min": min(samples), "median": statistics.median(samples), "n": len(samples),
-            "all": [round(s, 6) for s in samples]}
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
-
-
-class PeakMemory:
-    """Peak memory of what runs inside, above what was held before it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = memory_method(device)
-        self.peak_bytes: int | None = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        elif self.method.startswith("VmHWM"):
-            _reset_peak_rss()
-            self._base = _proc_status_kb("VmRSS") * 1024
-        else:
-            self._base = _ru_maxrss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self.method.startswith("VmHWM"):
-            self.peak_bytes = max(_proc_status_kb("VmHWM") * 1024 - self._base, 0)
-        else:
-            self.peak_bytes = max(_ru_maxrss_bytes() - self._base, 0)
-        return False
-
-
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _ru_maxrss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def memory_method(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated above the allocation before the configuration"
-    try:
-        _reset_peak_rss()
-        _proc_status_kb("VmHWM")
-        return "VmHWM (peak resident set) above VmRSS before the configuration, reset via /proc/self/clear_refs"
-    except OSError:
-        return "ru_maxrss growth (a process-lifetime high-water mark: 0 when an earlier configuration peaked higher)"
-    except KeyError:
-        return "ru_maxrss growth (a process-lifetime high-water mark: 0 when an earlier configuration peaked higher)"
-
-
-class MatmulPeak:
-    """The machine's practical peak at a dtype: the best FLOP/s of a large square matmul.
-
-    Sampled again between the timed runs of the other sections, so that a peak and the runs it is
-    compared with see the same machine (on a shared machine the load drifts); fractions use the best
-    sample of the whole run, which makes them conservative."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, size: int = 2048):
-        self.device, self.size = device, size
-        self.a = torch.randn(size, size, device=device).to(dtype)
-        self.b = torch.randn(size, size, device=device).to(dtype)
-        self.out = torch.empty(size, size, device=device, dtype=dtype)
-        torch.matmul(self.a, self.b, out=self.out)  # warm up
-        self.inner = 1 if device.type == "cpu" else 20
-        self.samples: list[float] = []
-
-    def sample(self, times: int = 1) -> None:
-        for _ in range(times):
-            def run():
-                for _ in range(self.inner):
-                    torch.matmul(self.a, self.b, out=self.out)
-            seconds, _ = timed(run, self.device)
-            self.samples.append(2 * self.size**3 * self.inner / seconds / 1e9)
-
-    @property
-    def gflops(self) -> float:
-        return max(self.samples)
-
-    def report(self) -> dict[str, Any]:
-        return {"size": self.size, "gflops": self.gflops, "median_gflops": statistics.median(self.samples),
-                "samples": len(self.samples)}
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """Best FLOP/s of a square matmul at `dtype` over `repeats` runs."""
-    peak = MatmulPeak(device, dtype, size)
-    peak.sample(repeats)
-    return peak.report()
-
-
-@dataclass
-class FlopCount:
-    """Analytic FLOPs of one pass: see the module docstring."""
-
-    hidden: int
-    cond: int
-    blocks: int
-    vocab: int
-
-    def trunk(self, rows: int, length: int) -> float:
-        per_token = self.blocks * (2 * 12 * self.hidden**2 + 4 * length * self.hidden)
-        per_row = (self.blocks * 2 * self.cond * 6 * self.hidden  # adaLN of every block
-                   + 2 * self.cond * 2 * self.hidden  # adaLN of the output layer
-                   + 2 * (256 * self.cond + self.cond**2))  # sigma map
-        return rows * length * per_token + rows * per_row
-
-    def output(self, positions: int) -> float:
-        return positions * 2 * self.hidden * self.vocab
-
-    def sampling_loop(self, rows: int, length: int, passes: int, positions: int) -> float:
-        """FLOPs of `passes` sampling passes that computed the output at `positions` positions in all.
-
-        The last block runs its attention projection and MLP (9 H^2 multiply-adds per token) only at
-        those positions, like the output layer; the rest of the trunk runs at every position."""
-        skipped = passes * rows * length - positions
-        return passes * self.trunk(rows, length) - skipped * 2 * 9 * self.hidden**2 + self.output(positions)
-
-    @classmethod
-    def of(cls, config: SEDDConfig) -> FlopCount:
-        m = config.model
-        return cls(m.hidden_size, m.cond_dim, m.n_blocks, config.vocab_size)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, naive_steps: int | None,
@@ -409,7 +69,7 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
     device = lm.device
     naive_run_steps = steps if naive_steps is None else min(naive_steps, steps)
     scale = 1.0 if naive_run_steps >= steps else (steps + 1) / max(naive_run_steps, 1)
-    networks = {"authors": authors_forward, "loop": naive_over_our_network}
+    networks = {"authors": authors_forward, "loop": lambda model, x, sigma: lm.runner(x, sigma)}  # loop: our network
 
     def naive(network):
         gen = torch.Generator(device=device).manual_seed(0)
@@ -484,25 +144,24 @@ def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, r
 def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats: int,
                   peak: MatmulPeak | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One pass of the network with every position masked (the first step: output at every position)."""
-    device, model = lm.device, lm.model
+    device, model = lm.device, lm.runner
     count = FlopCount.of(lm.config)
     results = []
     for tokens in tokens_list:
         rows = max(1, round(tokens / length))
         x = torch.full((rows, length), lm.mask_id if lm.mask_id is not None else 0, device=device)
         sigma = torch.full((rows,), 2.0, device=device)
-        positions = torch.ones_like(x, dtype=torch.bool)
         # as the sampler runs it: on a CPU in float32 the output goes to a buffer reused every step
         reuse = (lm.graph.absorb and device.type == "cpu" and lm.dtype == torch.float32
                  and hasattr(model, "log_score_at_index"))
         out = torch.empty(rows * length, lm.config.vocab_size, device=device) if reuse else None
         index = torch.arange(rows * length, device=device)
 
-        def run(x=x, sigma=sigma, positions=positions, index=index, out=out):
+        def run(x=x, sigma=sigma, index=index, out=out):
             with torch.inference_mode():
                 if out is not None:
                     return model.log_score_at_index(x, sigma, index, out=out)
-                return model.log_score_at(x, sigma, positions) if lm.graph.absorb else model(x, sigma)
+                return model.log_score_at_index(x, sigma, index) if lm.graph.absorb else model(x, sigma)
 
         timed(run, device)  # warm up
         times = []
@@ -538,7 +197,7 @@ def _run_bench(args) -> dict[str, Any]:
         lm = synthetic_model(args.preset, device, dtype, seed=args.seed, length=None)
         name = args.preset
     if args.compile:
-        lm.model.use_compiled_trunk(True)
+        lm.runner = FastSEDD(lm.model, compile="freeze")
     length = args.length or lm.length
     if not 1 <= length <= lm.length:
         raise SystemExit(f"sedd bench: --length must be between 1 and {lm.length}")
@@ -673,7 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="naive baselines: authors (their network code) and/or loop (the naive loop over ours)")
     p.add_argument("--sections", default="request,rows,flops", help="which of request,rows,flops to run")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak (default 2048)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see model.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see fast_model.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

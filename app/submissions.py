@@ -1,0 +1,107 @@
+"""A route's side of the engine: submit a job, then follow its records as a stream or wait for the last.
+
+Every generation endpoint goes through here, whatever shapes it answers with (app/outputs.py builds
+those). HTTP errors for the engine's refusals and failures are decided here once: a full queue or a
+shutdown is 503 with Retry-After, a failed pass 500.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import HTTPException, Request, status
+
+from sedd_core.engine import (
+    EngineClosed,
+    EngineOutput,
+    ErrorOutput,
+    FinalOutput,
+    QueueFull,
+    StepOutput,
+    Submission,
+)
+from sedd_core.sampling import Job
+
+from .state import ServerState
+
+QUEUE_FULL_RETRY_AFTER_S = 1
+SHUTDOWN_RETRY_AFTER_S = 5
+STEP_BACKLOG = 16  # step records a streaming reader may fall behind before it gets only the latest
+
+
+def submit(state: ServerState, job: Job, stream_every: int) -> Submission:
+    try:
+        return state.engine.submit(job, stream_every=stream_every)
+    except QueueFull as exc:
+        state.metrics.rejected()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"the server is busy: {exc}",
+                            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}) from None
+    except EngineClosed as exc:
+        state.metrics.rejected()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc),
+                            headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}) from None
+    except ValueError as exc:  # more rows than one pass holds
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+
+
+async def follow(submission: Submission) -> AsyncIterator[EngineOutput]:
+    """The submission's records up to its final one; leaving early (client gone, shutdown) cancels it.
+
+    A reader more than STEP_BACKLOG step records behind gets the latest step instead of the backlog;
+    the final record is never dropped."""
+    try:
+        while True:
+            records = await submission.next_outputs()
+            steps = [record for record in records if isinstance(record, StepOutput)]
+            for record in steps[-1:] if len(steps) > STEP_BACKLOG else steps:
+                yield record
+            final = next((record for record in records if not isinstance(record, StepOutput)), None)
+            if final is not None:
+                yield final
+                return
+    finally:
+        if not submission.finished:
+            submission.cancel()  # its rows leave the batch before the next step
+
+
+async def result(submission: Submission, request: Request) -> FinalOutput | None:
+    """The final record; None when the client left first (the submission is then cancelled). A failed
+    submission raises the HTTP error that says why."""
+
+    async def final() -> EngineOutput:
+        while True:
+            records = [r for r in await submission.next_outputs() if not isinstance(r, StepOutput)]
+            if records:
+                return records[0]
+
+    waiting = asyncio.ensure_future(final())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            return None
+        record = waiting.result()
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+        if not submission.finished:
+            submission.cancel()
+    if isinstance(record, FinalOutput):
+        return record
+    raise error_status(record)
+
+
+def error_status(record: ErrorOutput) -> HTTPException:
+    if record.outcome == "error":
+        return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail=record.message)
+    # the server stopped before the request finished (or, never seen by a waiting reader, a cancellation)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=record.message,
+                         headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)})
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so only http.disconnect comes)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,405 @@
+"""`FastSEDD`: the inference runner of a `model.SEDD`, the same function computed faster.
+
+It shares the plain network's parameters (no copy, except the caches below, which follow any
+change of the weights) and exposes the two calls the sampler makes, `runner(tokens, sigma)` and
+`runner.log_score_at_index(...)`, plus `warm()` for the compiled trunk. The maths is the authors';
+only the order of operations and the memory they touch change, so results agree with
+`SEDD.forward` to float rounding (tests/test_model_fast_paths.py). Inference only: it runs under
+`torch.inference_mode()` and never applies dropout.
+
+The speed-ups:
+- rows that share one sigma (every row of one request) share one conditioning row, so layer norm
+  and modulation fuse into one affine layer norm (`modulated_norm`); every block's modulation
+  comes from one matmul over their weights side by side (the stacked modulation cache);
+- rotary writes q and k in one pass each (`rotary_qk`); on a CPU in float32, q and k come out of a
+  copy of the qkv weight whose rows put each rotary pair side by side, so rotary is one complex
+  multiplication (`pair_interleaving_order`, `rotary_qk_interleaved`);
+- gated residuals are one `addcmul`; on a CPU the MLP's GELU runs in the matmul's epilogue (oneDNN,
+  `linear_gelu`) where PyTorch offers it;
+- `log_score_at_index` runs the last block past its attention and the vocabulary-wide output layer
+  only at the positions asked for (keys and values still need every position), optionally into a
+  caller's buffer;
+- attention goes through the flash-attn package where it is installed and the card supports it
+  (`flash_attn_usable`), else PyTorch's SDPA;
+- `compile=` runs the embedding and blocks through `torch.compile`, one static graph per
+  power-of-two row bucket.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .model import SEDD, DDiTBlock, LayerNorm, no_autocast
+
+try:  # optional CUDA kernel; PyTorch SDPA is the fallback everywhere else
+    from flash_attn.flash_attn_interface import flash_attn_func
+except Exception:  # pragma: no cover - depends on the host
+    flash_attn_func = None
+
+FLASH_ATTN_AVAILABLE = flash_attn_func is not None
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer; older cards raise at the first call
+_flash_attn_devices: dict[torch.device, bool] = {}
+
+# `compile=`: "freeze" is Inductor with the weights frozen in as constants; the others are torch.compile modes
+COMPILE_MODES = ("freeze", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
+_FUSED_LINEAR_GELU: bool | None = None
+
+
+def flash_attn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash-attn is installed, and `dtype` is half-precision on a CUDA card that it supports
+    (compute capability 8.0 or newer: A10, A100, H100, ...). Elsewhere attention goes through SDPA."""
+    device = torch.device(device)
+    if not (FLASH_ATTN_AVAILABLE and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if device not in _flash_attn_devices:
+        _flash_attn_devices[device] = torch.cuda.get_device_capability(device) >= FLASH_ATTN_MIN_CAPABILITY
+    return _flash_attn_devices[device]
+
+
+def contents_key(tensors) -> tuple:
+    """Changes whenever any of the tensors is replaced (`.to()`, a new Parameter) or written in place (an
+    optimiser step, load_state_dict): the key of caches derived from weights."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def _eager() -> bool:
+    """Not being traced by torch.compile: out= kernels, weight caches and complex tensors are fine."""
+    return not torch.compiler.is_compiling()
+
+
+def shared_sigma(sigma: torch.Tensor) -> bool:
+    """Every row at the same sigma (one request). Checked on the CPU only: on a GPU it would cost a sync."""
+    return sigma.numel() == 1 or (sigma.device.type == "cpu" and bool((sigma == sigma[0]).all()))
+
+
+def modulated_norm(norm: LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) in float32. shift, scale broadcast against x (..., H).
+
+    When they hold one row (all rows share a sigma) the whole thing is one affine layer norm
+    with weight * (1 + scale) and bias shift; otherwise a plain norm and one addcmul."""
+    with no_autocast(x.device):
+        weight = norm.weight.float()
+        gain = torch.addcmul(weight, weight, scale.float())  # weight * (1 + scale), one op
+        if shift.numel() == norm.dim:
+            return F.layer_norm(x.float(), [norm.dim], gain.reshape(norm.dim), shift.float().reshape(norm.dim))
+        return torch.addcmul(shift.float(), F.layer_norm(x.float(), [norm.dim]), gain)
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of qkv (B, L, 3, h, d) rotated: (B, L, h, d) each; cos and sin are (L, d/2).
+
+    With x = [x1, x2] (halves), `model.apply_rotary` is [x1 c - x2 s, x2 c + x1 s]; outside a
+    torch.compile trace that is written straight into one buffer."""
+    with no_autocast(qkv.device):
+        qk = qkv[:, :, :2]  # (B, L, 2, h, d), a view
+        x1, x2 = qk.chunk(2, dim=-1)
+        c = cos.to(qk.dtype)[:, None, None, :]  # (L, 1, 1, d/2)
+        s = sin.to(qk.dtype)[:, None, None, :]
+        if _eager():
+            rotated = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+            out1, out2 = rotated.chunk(2, dim=-1)
+            torch.mul(x1, c, out=out1).addcmul_(x2, s, value=-1)
+            torch.mul(x2, c, out=out2).addcmul_(x1, s)
+        else:
+            rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return rotated[:, :, 0], rotated[:, :, 1]
+
+
+def pair_interleaving_order(hidden: int, n_heads: int) -> torch.Tensor:
+    """A permutation of attn_qkv's 3H output channels: in each head of q and k, channel j and
+    j + d/2 (the pair that rotary rotates together) become neighbours 2j, 2j + 1; v stays.
+
+    q . k is unchanged when q and k are permuted alike, and with neighbouring pairs rotary is
+    one complex multiplication (`rotary_qk_interleaved`)."""
+    head_dim = hidden // n_heads
+    half = torch.arange(head_dim // 2)
+    in_head = torch.stack([half, half + head_dim // 2], dim=1).reshape(-1)  # 0, d/2, 1, d/2 + 1, ...
+    heads = torch.arange(2 * n_heads)[:, None] * head_dim  # q heads, then k heads
+    return torch.cat([(heads + in_head).reshape(-1), torch.arange(2 * hidden, 3 * hidden)])
+
+
+def rotary_qk_interleaved(qkv: torch.Tensor, polar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_qk` for q and k whose rotary pairs are neighbours (see pair_interleaving_order):
+    (x1 + i x2)(cos + i sin), one pass. qkv (B, L, 3, h, d) float32; polar (L, d/2) complex64."""
+    qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2)))  # (B, L, 2, h, d/2)
+    rotated = torch.view_as_real(qk * polar[:, None, None, :]).flatten(-2)  # (B, L, 2, h, d)
+    return rotated[:, :, 0], rotated[:, :, 1]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`model.attention` through flash-attn where usable, else SDPA. q, k, v (B, L, h, d) -> (B, L, H)."""
+    batch, seq_len = q.shape[0], q.shape[1]
+    if flash_attn_usable(q.device, q.dtype):
+        out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
+        return out.reshape(batch, seq_len, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, L, d)
+    return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+
+def _onednn_linear_gelu_works() -> bool:
+    """Whether this PyTorch build fuses Linear + tanh-GELU in one oneDNN matmul on the CPU (checked once)."""
+    try:
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+        return torch.allclose(fused, F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+    except Exception:
+        return False
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, fixed_shape: bool = True) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on a CPU in float32 the GELU runs inside oneDNN's matmul where available.
+
+    oneDNN builds a kernel for each new number of rows (about a millisecond), so a caller whose row
+    count changes from call to call (`fixed_shape=False`) gets the plain path."""
+    global _FUSED_LINEAR_GELU
+    if (fixed_shape and x.device.type == "cpu" and x.dtype == torch.float32 == linear.weight.dtype and _eager()
+            and x.numel() >= FUSED_LINEAR_GELU_MIN_ROWS * x.shape[-1]):
+        if _FUSED_LINEAR_GELU is None:
+            _FUSED_LINEAR_GELU = _onednn_linear_gelu_works()
+        if _FUSED_LINEAR_GELU:
+            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias,
+                                                      "gelu", [], "tanh")
+            return flat.view(*x.shape[:-1], -1)
+    return F.gelu(linear(x), approximate="tanh")
+
+
+class FastBlock:
+    """One `DDiTBlock` at inference, split where positions stop mixing: `attention_half` needs every
+    position (keys and values), `position_half` works position by position, so the last block can run
+    it at the positions asked for only (`at_positions`)."""
+
+    def __init__(self, block: DDiTBlock):
+        self.block = block
+        self._interleaved_qkv: tuple | None = None  # (contents key, weight copy): _pair_interleaved_qkv_weight
+
+    def __call__(self, x: torch.Tensor, rotary: tuple, c: torch.Tensor, mod: torch.Tensor | None = None):
+        """x (B, L, H) float32; rotary (cos, sin, polar or None); c (B, cond), or (1, cond) when every
+        row shares one sigma; mod as in `attention_half`. -> (B, L, H)"""
+        mod, attended = self.attention_half(x, rotary, c, mod)
+        return self.position_half(x, attended, mod)
+
+    def attention_half(self, x: torch.Tensor, rotary: tuple, c: torch.Tensor,
+                       mod: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(modulation (B or 1, 1, 6H), attention output before its projection (B, L, H)).
+        `mod`, when given, is this block's adaLN_modulation(c), already computed (stacked modulation)."""
+        block = self.block
+        mod = (block.adaLN_modulation(c) if mod is None else mod)[:, None]
+        shift_msa, scale_msa = mod[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
+        h = modulated_norm(block.norm1, x, shift_msa, scale_msa)  # (B, L, H)
+        if h.device.type == "cpu" and h.dtype == torch.float32 == block.attn_qkv.weight.dtype and _eager():
+            qkv = F.linear(h, self._pair_interleaved_qkv_weight())
+            qkv = rearrange(qkv, "b l (three h d) -> b l three h d", three=3, h=block.n_heads)
+            q, k = rotary_qk_interleaved(qkv, rotary[2])
+        else:
+            qkv = rearrange(block.attn_qkv(h), "b l (three h d) -> b l three h d", three=3, h=block.n_heads)
+            q, k = rotary_qk(qkv, rotary[0], rotary[1])
+        return mod, attend(q, k, qkv[:, :, 2])  # (B, L, H)
+
+    def position_half(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor,
+                      fixed_shape: bool = True) -> torch.Tensor:
+        """Attention projection, gated residual, MLP, gated residual: x and attended (..., H), mod (..., 6H)
+        broadcasting against them."""
+        block = self.block
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = torch.addcmul(x, gate_msa, block.attn_out(attended))  # x + gate * out
+        h = modulated_norm(block.norm2, x, shift_mlp, scale_mlp)
+        return torch.addcmul(x, gate_mlp, block.mlp[2](linear_gelu(h, block.mlp[0], fixed_shape)))
+
+    def at_positions(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor, index: torch.Tensor,
+                     row_of: torch.Tensor) -> torch.Tensor:
+        """`position_half` at the flat positions `index` only (row row_of[i]): (N, H)."""
+        width = x.shape[-1]
+        mod = mod[:, 0]  # (B or 1, 6H)
+        per_position = mod[row_of] if mod.shape[0] > 1 else mod  # (N or 1, 6H)
+        return self.position_half(x.reshape(-1, width).index_select(0, index),
+                                  attended.reshape(-1, width).index_select(0, index), per_position,
+                                  fixed_shape=False)  # N changes from step to step
+
+    def _pair_interleaved_qkv_weight(self) -> torch.Tensor:
+        """attn_qkv's weight, rows in `pair_interleaving_order`: a copy kept while the weight is unchanged
+        (CPU float32 inference, where rotary as a complex product saves three passes over q and k)."""
+        weight = self.block.attn_qkv.weight
+        key = contents_key([weight])
+        cached = self._interleaved_qkv
+        if cached is None or cached[0] != key:
+            order = pair_interleaving_order(weight.shape[1], self.block.n_heads).to(weight.device)
+            cached = self._interleaved_qkv = (key, weight.detach().index_select(0, order))
+        return cached[1]
+
+
+class FastSEDD:
+    """Runs a `SEDD` at inference: `runner(tokens, sigma)` = `model(tokens, sigma)` and
+    `runner.log_score_at_index(...)` = `model.log_score_at_index(...)`, to float rounding, faster.
+
+    `compile`: None (eager), "freeze" (torch.compile with Inductor freezing: the weights become
+    constants, prepacked for the CPU's matmul kernels) or a torch.compile mode such as
+    "reduce-overhead" (CUDA graphs on a GPU). The embedding and every block but the last block's
+    position-by-position half are compiled, one static graph per power-of-two bucket of rows and per
+    length: a batch is padded up to its bucket, so a server sees at most log2(max_rows) + 1
+    compilations per length (`warm` does them up front). If the weights change after compiling, the
+    trunk runs eagerly again with a warning rather than with stale constants."""
+
+    def __init__(self, model: SEDD, compile: str | None = None):
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: use None (no compilation) or one of {', '.join(COMPILE_MODES)}")
+        self.model = model
+        self.blocks = [FastBlock(block) for block in model.blocks]
+        self._polar: dict[tuple, torch.Tensor] = {}
+        self._stacked_modulation: tuple | None = None  # (contents key, weight, bias): _modulations
+        self._compiled_trunk = None
+        self._compiled_weights: tuple | None = None
+        if compile is not None:
+            self._compiled_trunk = _compile(self._trunk_head, compile)
+
+    @property
+    def compiled(self) -> bool:
+        """The compiled trunk is in use (False without `compile`, or after the weights changed)."""
+        return self._compiled_trunk is not None
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """`SEDD.forward`: tokens (B, L) long, sigma (B,) -> log score (B, L, V)."""
+        model = self.model
+        x, attended, mod, c = self._head(tokens, sigma)
+        with model._autocast(tokens.device):
+            x = self.blocks[-1].position_half(x, attended, mod)  # (B, L, H)
+            shift, scale = model.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+            log_score = model.output_layer.linear(modulated_norm(model.output_layer.norm_final, x, shift, scale))
+        if model.scale_by_sigma:
+            offset = model.sigma_offset(sigma, log_score.shape[-1])
+            log_score = log_score - offset.to(log_score.dtype)[:, None, None]
+        return log_score.scatter_(-1, tokens[..., None], 0.0)  # (B, L, V)
+
+    @torch.inference_mode()
+    def log_score_at_index(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
+                           out: torch.Tensor | None = None, row_of: torch.Tensor | None = None) -> torch.Tensor:
+        """`SEDD.log_score_at_index`: the log score at flat positions `index` (ascending), (N, V) float32.
+
+        The last block past its attention and the vocabulary-wide output layer run at those positions
+        only (with the absorbing graph only masked positions need them, SPEC section 4). `out` (N, V),
+        float32 and contiguous, receives the result when the model computes in float32 (a reused buffer
+        avoids fresh memory every step on a CPU). `row_of` (index // L) may be passed by a caller that
+        has it already."""
+        model = self.model
+        if row_of is None:
+            row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
+        x, attended, mod, c = self._head(tokens, sigma)
+        linear = model.output_layer.linear
+        with model._autocast(tokens.device):
+            h = self.blocks[-1].at_positions(x, attended, mod, index, row_of)  # (N, H)
+            shift, scale = model.output_layer.adaLN_modulation(c).chunk(2, dim=1)  # (B or 1, H)
+            if c.shape[0] > 1:
+                shift, scale = shift[row_of], scale[row_of]  # (N, H)
+            h = modulated_norm(model.output_layer.norm_final, h, shift, scale)
+            if out is not None and out.dtype == linear.weight.dtype == h.dtype:
+                log_score = torch.addmm(linear.bias, h, linear.weight.t(), out=out)  # (N, V)
+            else:
+                log_score = linear(h)
+        if model.scale_by_sigma:
+            offset = model.sigma_offset(sigma.float(), log_score.shape[-1])
+            offset = (offset[row_of] if offset.numel() > 1 else offset)[:, None]
+            # in place on a float32 result; a bf16 one is promoted to float32 by the same subtraction
+            log_score = log_score.sub_(offset) if log_score.dtype == torch.float32 else log_score - offset
+        log_score = log_score.float()
+        own = tokens.reshape(-1).index_select(0, index)
+        return log_score.scatter_(-1, own[:, None], 0.0)
+
+    def warm(self, max_rows: int, length: int) -> list[tuple[int, float]]:
+        """Compile every row bucket up to `max_rows` at `length` now, rather than at the first batch of
+        each size (a compilation takes seconds to a minute). Returns (bucket, seconds) per bucket; [] when
+        the trunk is not compiled."""
+        if self._compiled_trunk is None:
+            return []
+        device = self.model.output_layer.linear.weight.device
+        timings, bucket = [], 1
+        while True:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                self._head(torch.zeros(bucket, length, dtype=torch.long, device=device),
+                           torch.ones(bucket, device=device))
+            timings.append((bucket, time.perf_counter() - start))
+            if bucket >= max_rows:
+                return timings
+            bucket *= 2
+
+    # ---- the trunk: embedding, every block but the last, the last block's attention half -------------
+    def _head(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cos, sin = self.model.rotary_emb(tokens.shape[1], tokens.device)
+        if not self._compiled_trunk_usable():
+            return self._trunk_head(tokens, sigma, cos, sin, shared_sigma(sigma))
+        rows = tokens.shape[0]
+        bucket = 1 << (rows - 1).bit_length()
+        if bucket != rows:  # pad to the bucket with copies of the last row; rows never mix
+            pad = bucket - rows
+            tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
+            sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
+        return tuple(t[:rows] for t in self._compiled_trunk(tokens, sigma, cos, sin, False))
+
+    def _trunk_head(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    shared: bool) -> tuple[torch.Tensor, ...]:
+        """(x entering the last block (B, L, H), its attention output (B, L, H), its modulation
+        (B or 1, 1, 6H), c (B or 1, cond)). Static shapes: this is what gets compiled."""
+        model = self.model
+        x = model.vocab_embed(tokens).float()
+        c = F.silu(model.sigma_map(sigma[:1] if shared else sigma))
+        polar = self._polar_table(tokens.shape[1], tokens.device) if _eager() else None
+        rotary = (cos, sin, polar)
+        with model._autocast(tokens.device):
+            mods = self._modulations(c)
+            for block, mod in zip(self.blocks[:-1], mods):
+                x = block(x, rotary, c, mod)
+            mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
+        return x, attended, mod, c
+
+    def _polar_table(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """cos + i sin of position x frequency, (L, d/2) complex64: rotary as one complex product."""
+        key = (seq_len, str(device))
+        if key not in self._polar:
+            cos, sin = self.model.rotary_emb(seq_len, device)
+            self._polar[key] = torch.complex(cos, sin)
+        return self._polar[key]
+
+    def _modulations(self, c: torch.Tensor) -> list[torch.Tensor | None]:
+        """Every block's adaLN_modulation(c), from one matmul over their weights side by side (one kernel
+        instead of one per block); Nones (each block computes its own) when compiling."""
+        if not _eager():
+            return [None] * len(self.blocks)
+        layers = [block.adaLN_modulation for block in self.model.blocks]
+        key = contents_key(t for layer in layers for t in (layer.weight, layer.bias))
+        if self._stacked_modulation is None or self._stacked_modulation[0] != key:
+            weight = torch.cat([layer.weight.detach() for layer in layers])
+            bias = torch.cat([layer.bias.detach() for layer in layers])
+            self._stacked_modulation = (key, weight, bias)
+        _, weight, bias = self._stacked_modulation
+        return list(F.linear(c, weight, bias).split(layers[0].out_features, dim=-1))
+
+    def _compiled_trunk_usable(self) -> bool:
+        """Compiled trunk on, and the weights still those it was first compiled with."""
+        if self._compiled_trunk is None:
+            return False
+        key = contents_key(self.model.parameters())
+        if self._compiled_weights is None:
+            self._compiled_weights = key
+        elif key != self._compiled_weights:
+            warnings.warn("the model's weights changed after the trunk was compiled; running it eagerly "
+                          "(make a new FastSEDD to compile again)", stacklevel=4)
+            self._compiled_trunk = None
+            return False
+        return True
+
+
+def _compile(trunk_head, mode: str):
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))  # one graph per bucket and length
+    if mode == "freeze":
+        return torch.compile(trunk_head, dynamic=False, options={"freezing": True})
+    return torch.compile(trunk_head, dynamic=False, mode=mode)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sedd_core
 
 from . import state as server_state
-from .middleware import BodySizeLimit
+from .middleware import BodySizeLimit, ReplicaHeader
 from .routes import generation, meta, pages
 from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="sedd-serve", version=sedd_core.__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.sedd = server_state.ServerState(settings=settings)
+    app.state.replica_id = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     app.include_router(generation.router)
     app.include_router(meta.router)
     app.include_router(pages.router)
@@ -76,10 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = lambda: _openapi_with_events(app)
     # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ReplicaHeader, replica=app.state.replica_id)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
-                           expose_headers=["Retry-After", "X-Request-ID"], max_age=600)
+                           expose_headers=["Retry-After", "X-Request-ID", "X-Replica-ID"], max_age=600)
     return app
 
 

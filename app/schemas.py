@@ -154,3 +154,5 @@ class ModelInfo(BaseModel):
     max_steps: int
     max_samples: int
     flash_attn: FlashAttention
+    replica: str | None = Field(None, description="the replica that answered, as in the X-Replica-ID header "
+                                "(SEDD_REPLICA_ID; unset: HOST:PID, under Ray Serve the replica's id)")

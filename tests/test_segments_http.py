@@ -81,6 +81,13 @@ def without_id_and_timing(answer: dict) -> dict:
     return {k: v for k, v in answer.items() if k not in ("id", "timing")}
 
 
+@pytest.fixture(scope="module")
+async def quiet_client(app_client, tiny_five, tiny_limits):
+    """An in-process app of its own, so that its request counts move only with this module's requests."""
+    async with app_client(tiny_five, **tiny_limits) as client:
+        yield client
+
+
 # ---- /infill with segments (in-process) ---------------------------------------------------------------
 @pytest.mark.anyio
 async def test_segments_keep_their_text_and_spans_locate_the_gaps(tiny_client):
@@ -141,14 +148,14 @@ BAD_SEGMENTS = [
 
 @pytest.mark.parametrize(("segments", "words"), BAD_SEGMENTS, ids=[str(i) for i in range(len(BAD_SEGMENTS))])
 @pytest.mark.anyio
-async def test_bad_segments_are_a_422_that_names_the_segment_and_reach_no_engine(tiny_client, segments, words):
-    before = requests_seen(metric_values((await tiny_client.get("/metrics")).text))
-    response = await tiny_client.post("/infill", json={"segments": segments, "steps": 4})
+async def test_bad_segments_are_a_422_that_names_the_segment_and_reach_no_engine(quiet_client, segments, words):
+    before = requests_seen(metric_values((await quiet_client.get("/metrics")).text))
+    response = await quiet_client.post("/infill", json={"segments": segments, "steps": 4})
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     for word in words:
         assert word in detail, (word, detail)
-    assert requests_seen(metric_values((await tiny_client.get("/metrics")).text)) == before
+    assert requests_seen(metric_values((await quiet_client.get("/metrics")).text)) == before
 
 
 # ---- /rewrite (in-process) ----------------------------------------------------------------------------
@@ -190,14 +197,14 @@ REWRITE_ERRORS = [
 
 @pytest.mark.parametrize(("body", "words"), REWRITE_ERRORS, ids=[str(i) for i in range(len(REWRITE_ERRORS))])
 @pytest.mark.anyio
-async def test_rewrite_errors_name_the_span(tiny_client, body, words):
-    before = requests_seen(metric_values((await tiny_client.get("/metrics")).text))
-    response = await tiny_client.post("/rewrite", json={**body, "steps": 4})
+async def test_rewrite_errors_name_the_span(quiet_client, body, words):
+    before = requests_seen(metric_values((await quiet_client.get("/metrics")).text))
+    response = await quiet_client.post("/rewrite", json={**body, "steps": 4})
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     for word in words:
         assert word in detail, (word, detail)
-    assert requests_seen(metric_values((await tiny_client.get("/metrics")).text)) == before
+    assert requests_seen(metric_values((await quiet_client.get("/metrics")).text)) == before
 
 
 @pytest.mark.anyio

@@ -138,9 +138,9 @@ async def _generate(request: Request, state: ServerState, body: GenerationOption
     steps = requested_steps(body, settings)
     check_limits(settings, steps=steps, num_samples=body.num_samples)
     seed = body.seed if body.seed is not None else new_seed()
-    layout = canvas(lm)
+    placement = canvas(lm)
     try:
-        job = make_job(lm, num_samples=body.num_samples, steps=steps, predictor=body.predictor, seed=seed, **layout)
+        job = make_job(lm, num_samples=body.num_samples, steps=steps, predictor=body.predictor, seed=seed, **placement)
     except GenerationError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
 

@@ -208,6 +208,16 @@ async def test_rewrite_errors_name_the_span(quiet_client, body, words):
 
 
 @pytest.mark.anyio
+async def test_rewrite_needs_the_api_key(app_client, tiny_five):
+    async with app_client(tiny_five, api_key="segments-key") as client:
+        body = {"text": "hello", "spans": [[1, 3]], "steps": 4}
+        assert (await client.post("/rewrite", json=body)).status_code == 401
+        assert (await client.post("/rewrite", json=body, headers={"Authorization": "Bearer nope"})).status_code == 401
+        ok = await client.post("/rewrite", json=body, headers={"Authorization": "Bearer segments-key"})
+        assert ok.status_code == 200 and ok.json()["samples"][0]["text"][::4] == "ho"
+
+
+@pytest.mark.anyio
 async def test_gpt2_segments_keep_their_text_where_the_list_puts_it(tmp_path, write_tiny_gpt2_model, app_client):
     """A GPT-2 vocabulary: kept text in the middle decodes to itself at its place; random weights draw any
     bytes, so gaps may hold U+FFFD, and the spans still cut the text exactly around the kept pieces."""

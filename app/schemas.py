@@ -74,7 +74,7 @@ def _segment(value):
     value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise PydanticCustomError("segment_type", "a segment is a string (text kept exactly) or a whole number (a gap "
-                                  "of that many tokens), got {value}", {"value": json.dumps(value)[:40]})
+                                  "of that many tokens), got {value}", {"value": json.dumps(value, default=repr)[:40]})
     return value
 
 
@@ -87,6 +87,10 @@ CANVAS_FIELDS = ("prefix", "suffix", "length")
 
 def _integral_items(value):
     return [_integral(item) for item in value] if isinstance(value, list) else value
+
+
+def _integral_pairs(value):
+    return [_integral_items(pair) for pair in value] if isinstance(value, list) else value
 
 
 class InfillRequest(SampleRequest):
@@ -135,8 +139,7 @@ class RewriteRequest(GenerationOptions):
                                            {"type": "null"}]},
         description="tokens for each span's gap, one per span; null = as many as the span's text encodes to")
 
-    _integral_spans = field_validator("spans", mode="before")(
-        lambda value: [_integral_items(span) for span in value] if isinstance(value, list) else value)
+    _integral_spans = field_validator("spans", mode="before")(_integral_pairs)
     _integral_lengths = field_validator("lengths", mode="before")(_integral_items)
 
 

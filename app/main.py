@@ -29,7 +29,7 @@ import sedd_core
 from . import state as server_state
 from .middleware import BodySizeLimit, ReplicaHeader
 from .routes import generation, meta, pages
-from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent, default_steps
+from .schemas import ErrorEvent, InfillRequest, RewriteRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
 
 DESCRIPTION = """\
@@ -37,12 +37,13 @@ Text from a SEDD (Score Entropy Discrete Diffusion) model: every position starts
 the model unmasks them over `steps` denoising steps. Requests from many clients share each
 model pass (continuous batching), so concurrent clients cost little more than one.
 
-* `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle.
+* `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle; or
+  keep text at any positions with `segments` (kept text and gaps). `POST /rewrite`: regenerate spans of a text.
 * `stream: true` (or `Accept: text/event-stream`) streams `step` events and one `done` event.
 * `GET /v1/model`: the model and this server's limits. `GET /health`: readiness. `GET /metrics`: Prometheus.
 """
 
-BODY_MODELS = {"/sample": SampleRequest, "/infill": InfillRequest}
+BODY_MODELS = {"/sample": SampleRequest, "/infill": InfillRequest, "/rewrite": RewriteRequest}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,12 +110,12 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
             components.update(event_schema.pop("$defs", {}))
             components[model.__name__] = event_schema
         state: server_state.ServerState = app.state.sedd
-        for name in ("SampleRequest", "InfillRequest"):
+        for name in ("SampleRequest", "InfillRequest", "RewriteRequest"):
             fields = components[name]["properties"]
             fields["steps"].update(maximum=state.settings.max_steps,
                                    default=default_steps(state.settings.max_steps))
             fields["num_samples"]["maximum"] = state.settings.max_samples
-            if state.lm is not None:
+            if state.lm is not None and "length" in fields:
                 length = fields["length"]
                 for option in length.get("anyOf", [length]):
                     if option.get("type") == "integer":

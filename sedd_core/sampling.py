@@ -168,6 +168,8 @@ def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> 
         job.x = x[start : start + job.rows]
         job.masks_left = masks_left[start : start + job.rows]
         job.step_index += 1
+        if job.done:
+            job.project()  # the uniform graph resamples every position: keep fixed text after the final denoise
         start += job.rows
 
 

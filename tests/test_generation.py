@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sedd_core
-from sedd_core.generation import GenerationError, make_job
+from sedd_core.generation import GenerationError, iterate, make_job
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,11 @@ def test_uniform_graph_samples_and_projects(tmp_path, tiny_config, write_oxen_fo
     lm = sedd_core.load(folder, device="cpu")
     texts = sedd_core.generate(lm, num_samples=4, steps=6, seed=5, prefix="abc", suffix="xyz")
     assert all(len(t) == 16 and t.startswith("abc") and t.endswith("xyz") for t in texts)
+    # ... and after the final denoise, which resamples every position too
+    job = make_job(lm, num_samples=64, steps=2, seed=6, segments=[3, "mid", 10])
+    for _ in iterate(lm, job):
+        pass
+    assert (job.x[:, 3:6] == torch.tensor(lm.tokenizer.encode("mid"))).all()
 
 
 def test_euler_and_analytic_rows_share_a_pass(tmp_path, tiny_config, write_oxen_folder):

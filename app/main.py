@@ -26,7 +26,8 @@ import sedd_core
 
 from . import state as server_state
 from .middleware import BodySizeLimit
-from .routes import generation, meta, pages
+from .openai_schemas import OpenAIError, error_body
+from .routes import generation, meta, openai, pages, score
 from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
 
@@ -37,6 +38,8 @@ model pass (continuous batching), so concurrent clients cost little more than on
 
 * `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle.
 * `stream: true` (or `Accept: text/event-stream`) streams `step` events and one `done` event.
+* `POST /v1/completions`, `GET /v1/models`: OpenAI-compatible completions (`suffix` for infill), streamed or not.
+* `POST /v1/score`: the diffusion ELBO of texts (an upper bound on their negative log-likelihood).
 * `GET /v1/model`: the model and this server's limits. `GET /health`: readiness. `GET /metrics`: Prometheus.
 """
 
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sedd = server_state.ServerState(settings=settings)
     app.include_router(generation.router)
     app.include_router(meta.router)
+    app.include_router(openai.router)
+    app.include_router(score.router)
     app.include_router(pages.router)
     if settings.fault_injection:  # test-only; never on by default
         from .routes import faults
@@ -73,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _unreadable_body)
+    app.add_exception_handler(OpenAIError, _openai_error)
     app.openapi = lambda: _openapi_with_events(app)
     # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -123,13 +129,28 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
 
 # ---- readable validation errors -------------------------------------------------------------------
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 whose `detail` is one sentence per problem, naming the field; `errors` keeps the structure."""
+    """422 whose `detail` is one sentence per problem, naming the field; `errors` keeps the structure.
+    On /v1/* (OpenAI's clients): 400 in OpenAI's error shape, `param` naming the first field at fault."""
     model = BODY_MODELS.get(request.url.path)
     messages, errors = [], []
     for error in exc.errors():
         messages.append(_describe(error, model))
         errors.append({key: error[key] for key in ("loc", "msg", "type") if key in error})
+    if _openai_path(request):
+        loc = [str(part) for part in exc.errors()[0].get("loc", ())] if exc.errors() else []
+        param = (".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)) or None
+        return JSONResponse(error_body(400, "; ".join(messages), param=param, code="invalid_value"), status_code=400)
     return JSONResponse({"detail": "; ".join(messages), "errors": errors}, status_code=422)
+
+
+def _openai_path(request: Request) -> bool:
+    """/v1/* answers errors as OpenAI does (GET /v1/model included: it sits under the same prefix)."""
+    return request.url.path.startswith("/v1/")
+
+
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def _unreadable_body(request: Request, exc: StarletteHTTPException):
@@ -138,8 +159,14 @@ async def _unreadable_body(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
         cause = exc.__cause__
         message = f"the request body is not valid JSON: it is not UTF-8 text (byte {cause.start})"
+        if _openai_path(request):
+            return JSONResponse(error_body(400, message, code="invalid_json"), status_code=400)
         return JSONResponse({"detail": message, "errors": [{"loc": ["body"], "msg": message, "type": "json_invalid"}]},
                             status_code=422)
+    if _openai_path(request):
+        code = {401: "invalid_api_key", 404: "not_found", 503: "unavailable"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
     return await http_exception_handler(request, exc)
 
 

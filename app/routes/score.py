@@ -34,13 +34,13 @@ async def score(body: ScoreRequest, request: Request, state: ReadyState):
     if len(texts) > settings.max_samples:
         raise OpenAIError(400, f"{len(texts)} texts; this server scores at most {settings.max_samples} per request "
                                "(SEDD_MAX_SAMPLES): send fewer", param="text")
-    if body.samples > settings.max_score_samples:
-        raise OpenAIError(400, f"samples must be at most {settings.max_score_samples} (this server's "
-                               f"SEDD_MAX_SCORE_SAMPLES), got {body.samples}", param="samples")
     try:
         work = TextScores(lm, texts, body.samples, body.seed)
     except ScoreError as exc:
         raise OpenAIError(400, str(exc), param="text") from None
+    if body.samples > settings.max_score_samples:
+        raise OpenAIError(400, f"samples must be at most {settings.max_score_samples} (this server's "
+                               f"SEDD_MAX_SCORE_SAMPLES), got {body.samples}", param="samples")
     # A chunk costs about one sampling pass: at most SEDD_MAX_ROWS rows (and the estimator's memory bound).
     rows = min(settings.max_rows, default_rows(lm.length, lm.graph.dim))
     submission = submissions.submit_work(state, work, rows)

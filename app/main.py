@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -121,10 +122,44 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
                 for option in length.get("anyOf", [length]):
                     if option.get("type") == "integer":
                         option["maximum"] = state.lm.length
+        _openai_limits(components, state)
         if state.lm is None:  # the model's length is not known yet: do not keep this version
             return schema
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _integer_option(field: dict[str, Any]) -> dict[str, Any]:
+    """The integer schema of a field that may also be null (anyOf)."""
+    return next(option for option in field.get("anyOf", [field]) if option.get("type") == "integer")
+
+
+def _openai_limits(components: dict[str, Any], state: server_state.ServerState) -> None:
+    """This server's limits on the /v1 bodies: steps, choices and texts per request, score samples and,
+    once loaded, the model's name and length."""
+    settings = state.settings
+    fields = components["CompletionRequest"]["properties"]
+    _integer_option(fields["steps"]).update(maximum=settings.max_steps)
+    fields["n"]["maximum"] = settings.max_samples
+    for option in fields["prompt"]["anyOf"]:
+        if option.get("type") == "array":
+            option.update(minItems=1, maxItems=settings.max_samples)
+    score = components["ScoreRequest"]["properties"]
+    score["samples"]["maximum"] = settings.max_score_samples
+    for option in score["text"]["anyOf"]:
+        if option.get("type") == "array":
+            option.update(minItems=1, maxItems=settings.max_samples)
+    texts = [option for option in score["text"]["anyOf"] if option.get("type") == "string"]
+    texts += [option["items"] for option in score["text"]["anyOf"] if option.get("type") == "array"]
+    for text in texts:
+        text["minLength"] = 1
+    if state.lm is not None:
+        fields["model"]["enum"] = [state.lm.name]
+        _integer_option(fields["max_tokens"])["maximum"] = state.lm.length
+        chars = getattr(state.lm.tokenizer, "chars", None)  # a character vocabulary encodes only these
+        if chars is not None:
+            for text in texts:
+                text["pattern"] = "^[" + "".join(re.escape(c) for c in chars) + "]+$"
 
 
 # ---- readable validation errors -------------------------------------------------------------------

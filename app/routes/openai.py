@@ -195,7 +195,9 @@ class Reply:
         return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> ServerSentEvent:
-        return ServerSentEvent(self.completion(choices, usage).model_dump_json(exclude_none=True))
+        # as OpenAI: `finish_reason` and `logprobs` null until set, `usage` only in the last chunk
+        return ServerSentEvent(self.completion(choices, usage).model_dump_json(exclude={"usage"} if usage is None
+                                                                               else None))
 
 
 async def _merged(running: list) -> AsyncIterator[tuple[int, Any]]:

@@ -16,6 +16,11 @@ shapes belong to the caller, off the device thread): a `StepOutput` every
 `stream_every` steps, then one `FinalOutput` or `ErrorOutput`. A failure in a pass
 fails only the requests of that pass; a CUDA out-of-memory error is retried
 request by request before anything fails.
+
+Device work other than sampling (likelihood scoring) comes as a `ChunkedWork` item
+(`submit_work`): after each round of passes the worker computes one bounded chunk of
+the oldest item, so sampling keeps flowing, and sends one `WorkOutput` when it is done.
+Work items share the queue limit.
 """
 from __future__ import annotations
 

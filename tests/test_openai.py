@@ -3,6 +3,9 @@ server on a loopback socket (tiny_server: tiny-five, whose canvas is 12 characte
 of the output layer on its own."""
 from __future__ import annotations
 
+import time
+
+import httpx
 import openai
 import pytest
 
@@ -104,6 +107,24 @@ def test_denoising_stream_carries_the_whole_canvas(client):
     assert [c.choices[0].finish_reason for c in chunks] == [None] * 8 + ["length"]
 
 
+def _cancelled(base_url: str) -> float:
+    metrics = httpx.get(base_url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith('sedd_requests_total{outcome="cancelled"}'))
+
+
+def test_a_client_that_leaves_a_stream_cancels_every_prompt(client, tiny_server, tiny_limits):
+    before = _cancelled(tiny_server)
+    stream = client.completions.create(model=MODEL, prompt=["he", "wo"], n=2, stream=True,
+                                       extra_body={"steps": tiny_limits["max_steps"]})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 20
+    while _cancelled(tiny_server) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _cancelled(tiny_server) == before + 2  # both prompts' jobs left the engine unfinished
+
+
 @pytest.mark.parametrize(("field", "value"), [("temperature", 0.5), ("top_p", 0.9), ("logprobs", 2),
                                               ("echo", True), ("best_of", 3), ("frequency_penalty", 0.1),
                                               ("presence_penalty", -1.0), ("logit_bias", {"7": 10})])
@@ -188,3 +209,12 @@ def test_deltas_wait_for_the_left_end_and_for_possible_stop_strings():
     # "c" waits for "a" and "b"; " " is sent at once; "d" waits ("de" may follow) and is cut with it
     assert deltas == ["", "", "abc", " ", "", "", "", ""]
     assert stream.finish_reason == "stop" and stream.text.startswith("abc de")
+
+
+def test_the_sdk_reaches_scoring_too(client):
+    """/v1/score is no OpenAI endpoint, but the SDK's generic `post` reaches it with its key and errors."""
+    answer = client.post("/score", body={"text": ["hello world!"], "samples": 8}, cast_to=object)
+    assert answer["model"] == MODEL and answer["results"][0]["tokens"] == 12
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.post("/score", body={"text": "hello", "samples": 0}, cast_to=object)
+    assert refused.value.param == "samples"

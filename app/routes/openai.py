@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -125,9 +126,9 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
     jobs = [_job(state, body, prompt, steps, (seed + i) % (MAX_SEED + 1)) for i, prompt in enumerate(prompts)]
     suffix_tokens = len(lm.tokenizer.encode(body.suffix or ""))
     prompt_tokens = sum(len(lm.tokenizer.encode(p)) + suffix_tokens for p in prompts)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(j.rows * _gap_length(j) for j in jobs),
-                  total_tokens=0)
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    completion_tokens = sum(job.rows * _gap_length(job) for job in jobs)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                  total_tokens=prompt_tokens + completion_tokens)
 
     # Deltas need step records only under the absorbing graph (a uniform-graph model streams its final text).
     wants_steps = body.stream and (body.denoising or lm.graph.absorb)
@@ -229,30 +230,38 @@ async def _stream(running: list, outputs: list[RequestOutput], body: CompletionR
     lm, n = state.lm, body.n
     gaps = [[GapStream(lm.tokenizer, job_gap(output), lm.mask_id, body.stops) for _ in range(n)]
             for output in outputs]
-    async for i, record in _merged(running):
-        if isinstance(record, ErrorOutput):
-            status = submissions.error_status(record).status_code
-            yield ServerSentEvent(json.dumps(error_body(status, record.message, code=record.outcome)))
-            return
-        rows = record.tokens.tolist()
-        final = isinstance(record, FinalOutput)
-        choices = []
-        if body.denoising:
-            texts = (_final_canvases(outputs[i], record, body.stops) if final else
-                     [(lm.tokenizer.decode(row, lm.mask_id, MASK_PLACEHOLDER), None) for row in rows])
-            choices = [CompletionChoice(text=text, index=i * n + j, finish_reason=finish)
-                       for j, (text, finish) in enumerate(texts)]
-        else:
-            for j, (row, gap) in enumerate(zip(rows, gaps[i])):
-                was_open = gap.finish_reason is None
-                delta = gap.update(row, final=final)
-                if delta or (was_open and gap.finish_reason is not None):
-                    choices.append(CompletionChoice(text=delta, index=i * n + j, finish_reason=gap.finish_reason))
-        if choices:
-            yield reply.chunk(choices)
+    async with aclosing(_merged(running)) as records:  # a client that leaves cancels every submission now
+        async for i, record in records:
+            if isinstance(record, ErrorOutput):
+                status = submissions.error_status(record).status_code
+                yield ServerSentEvent(json.dumps(error_body(status, record.message, code=record.outcome)))
+                return
+            if (chunk := _chunk(i, record, outputs, gaps, body, reply, lm)) is not None:
+                yield chunk
     if usage is not None:
         yield reply.chunk([], usage)
     yield ServerSentEvent(DONE)
+
+
+def _chunk(i: int, record: StepOutput | FinalOutput, outputs: list[RequestOutput], gaps: list[list[GapStream]],
+           body: CompletionRequest, reply: Reply, lm) -> ServerSentEvent | None:
+    """The chunk for a record of prompt i's submission: whole canvases, or the choices with news."""
+    n = body.n
+    rows = record.tokens.tolist()
+    final = isinstance(record, FinalOutput)
+    choices = []
+    if body.denoising:
+        texts = (_final_canvases(outputs[i], record, body.stops) if final else
+                 [(lm.tokenizer.decode(row, lm.mask_id, MASK_PLACEHOLDER), None) for row in rows])
+        choices = [CompletionChoice(text=text, index=i * n + j, finish_reason=finish)
+                   for j, (text, finish) in enumerate(texts)]
+    else:
+        for j, (row, gap) in enumerate(zip(rows, gaps[i])):
+            was_open = gap.finish_reason is None
+            delta = gap.update(row, final=final)
+            if delta or (was_open and gap.finish_reason is not None):
+                choices.append(CompletionChoice(text=delta, index=i * n + j, finish_reason=gap.finish_reason))
+    return reply.chunk(choices) if choices else None
 
 
 def job_gap(output: RequestOutput) -> tuple[int, int]:

@@ -218,3 +218,39 @@ def test_the_sdk_reaches_scoring_too(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.post("/score", body={"text": "hello", "samples": 0}, cast_to=object)
     assert refused.value.param == "samples"
+
+
+def _joined_deltas(client, **request) -> dict[int, str]:
+    joined: dict[int, str] = {}
+    for chunk in client.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            joined[choice.index] = joined.get(choice.index, "") + choice.text
+    return joined
+
+
+def test_gpt2_deltas_never_split_a_character(tmp_path, write_tiny_gpt2_model, start_server):
+    """A random GPT-2-vocabulary model writes tokens that hold only part of a UTF-8 character: the deltas
+    still join to the non-streamed text, with no replacement character the answer does not have."""
+    folder = write_tiny_gpt2_model(tmp_path / "tiny-gpt2")
+    with start_server(folder, max_samples=8, max_rows=8) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        request = dict(model="tiny-gpt2", prompt=["Caf\u00e9", "na\u00efve"], suffix=" end", n=4, seed=3,
+                       extra_body={"steps": 8})
+        expected = {c.index: c.text for c in client.completions.create(**request).choices}
+        assert _joined_deltas(client, **request) == expected
+    # the case holds tokens that are part of a character: bytes no later token completes show as U+FFFD
+    assert any("\ufffd" in text for text in expected.values())
+
+
+def test_a_uniform_graph_model_streams_its_final_text(tmp_path, tiny_config, write_oxen_folder, start_server):
+    folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=8))
+    with start_server(folder) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        request = dict(model="tiny-test", prompt="ab", n=2, seed=4, extra_body={"steps": 8})
+        expected = client.completions.create(**request).choices
+        chunks = list(client.completions.create(stream=True, **request))
+        assert [[(c.index, c.text, c.finish_reason) for c in chunk.choices] for chunk in chunks] == [
+            [(c.index, c.text, "length") for c in expected]]  # one chunk: every choice's whole text
+        canvases = list(client.completions.create(stream=True, **{**request, "extra_body": {
+            "steps": 8, "denoising": True}}))
+        assert len(canvases) == 9 and all(len(chunk.choices[0].text) == 8 for chunk in canvases)

@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv install browser serve sample test test-fast lint bench load clean
+.PHONY: venv install system-tools serve sample test test-fast lint bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +26,20 @@ $(VENV)/.dev: $(VENV)/.runtime
 
 venv install: $(VENV)/.dev
 
-# Headless Chromium for the browser tests, as CI installs it: on Debian as root when it is missing;
-# elsewhere a note, and the browser tests skip with a reason.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages some tests drive for real: headless Chromium (the web page) and nginx (the scale-out
+# proxy). As CI installs them: on Debian as root when missing; elsewhere a note, and those tests skip
+# with a reason.
+system-tools:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then \
-	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "make: no chromium (Debian: apt-get install chromium as root); the browser tests will skip"; \
-	  fi; }
+	    echo "make: missing$$missing (Debian: apt-get install$$missing as root); the tests that need them will skip"; \
+	  fi; \
+	fi
 
 serve: $(VENV)/.runtime
 	$(BIN)/sedd serve --host $(HOST) --port $(PORT)
@@ -42,7 +47,7 @@ serve: $(VENV)/.runtime
 sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate
 
-test: $(VENV)/.dev browser
+test: $(VENV)/.dev system-tools
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(VENV)/.dev

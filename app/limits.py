@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi.exceptions import RequestValidationError
 
-from .schemas import SampleRequest, default_steps
+from .schemas import GenerationOptions, default_steps
 from .settings import Settings
 
 
-def requested_steps(body: SampleRequest, settings: Settings) -> int:
+def requested_steps(body: GenerationOptions, settings: Settings) -> int:
     """The steps a request asks for: its own, or the server's default when it names none."""
     return body.steps if "steps" in body.model_fields_set else default_steps(settings.max_steps)
 

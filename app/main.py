@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sedd_core
 
 from . import state as server_state
-from .middleware import BodySizeLimit
+from .middleware import BodySizeLimit, ReplicaHeader
 from .openai_schemas import OpenAIError, error_body
 from .routes import generation, meta, openai, pages, score
-from .schemas import ErrorEvent, InfillRequest, SampleRequest, StepEvent, default_steps
+from .schemas import ErrorEvent, InfillRequest, RewriteRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
 
 DESCRIPTION = """\
@@ -37,14 +39,15 @@ Text from a SEDD (Score Entropy Discrete Diffusion) model: every position starts
 the model unmasks them over `steps` denoising steps. Requests from many clients share each
 model pass (continuous batching), so concurrent clients cost little more than one.
 
-* `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle.
+* `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle; or
+  keep text at any positions with `segments` (kept text and gaps). `POST /rewrite`: regenerate spans of a text.
 * `stream: true` (or `Accept: text/event-stream`) streams `step` events and one `done` event.
 * `POST /v1/completions`, `GET /v1/models`: OpenAI-compatible completions (`suffix` for infill), streamed or not.
 * `POST /v1/score`: the diffusion ELBO of texts (an upper bound on their negative log-likelihood).
 * `GET /v1/model`: the model and this server's limits. `GET /health`: readiness. `GET /metrics`: Prometheus.
 """
 
-BODY_MODELS = {"/sample": SampleRequest, "/infill": InfillRequest}
+BODY_MODELS = {"/sample": SampleRequest, "/infill": InfillRequest, "/rewrite": RewriteRequest}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="sedd-serve", version=sedd_core.__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.sedd = server_state.ServerState(settings=settings)
+    app.state.replica_id = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     app.include_router(generation.router)
     app.include_router(meta.router)
     app.include_router(openai.router)
@@ -83,10 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = lambda: _openapi_with_events(app)
     # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ReplicaHeader, replica=app.state.replica_id)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
-                           expose_headers=["Retry-After", "X-Request-ID"], max_age=600)
+                           expose_headers=["Retry-After", "X-Request-ID", "X-Replica-ID"], max_age=600)
     return app
 
 
@@ -112,12 +117,12 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
             components.update(event_schema.pop("$defs", {}))
             components[model.__name__] = event_schema
         state: server_state.ServerState = app.state.sedd
-        for name in ("SampleRequest", "InfillRequest"):
+        for name in ("SampleRequest", "InfillRequest", "RewriteRequest"):
             fields = components[name]["properties"]
             fields["steps"].update(maximum=state.settings.max_steps,
                                    default=default_steps(state.settings.max_steps))
             fields["num_samples"]["maximum"] = state.settings.max_samples
-            if state.lm is not None:
+            if state.lm is not None and "length" in fields:
                 length = fields["length"]
                 for option in length.get("anyOf", [length]):
                     if option.get("type") == "integer":

@@ -1,4 +1,5 @@
-"""A pure ASGI middleware that refuses request bodies over a size limit with 413.
+"""Pure ASGI middlewares: `BodySizeLimit` refuses request bodies over a size limit with 413;
+`ReplicaHeader` names the server that answered in an `X-Replica-ID` header.
 
 The body is read (up to the limit) before the app sees the request, so a chunked
 upload without Content-Length is refused as cleanly as one that declares its size.
@@ -55,3 +56,24 @@ class BodySizeLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class ReplicaHeader:
+    """Adds `X-Replica-ID: <replica>` to every HTTP answer (streams too: the header leaves with the first
+    bytes), so that behind a load balancer (Ray Serve, nginx) operators and tests see which replica answered."""
+
+    def __init__(self, app: ASGIApp, replica: str):
+        self.app = app
+        self.header = (b"x-replica-id", replica.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)

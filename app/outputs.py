@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from sedd_core.canvas import text_and_spans
 from sedd_core.engine import FinalOutput, StepOutput
 from sedd_core.generation import decode_rows, token_pieces
 from sedd_core.loading import LoadedModel
@@ -36,6 +37,11 @@ class Layout:
         if job.fixed is None:
             return cls((False,) * job.length)
         return cls(tuple(job.fixed.tolist()))
+
+    @property
+    def gaps(self) -> tuple[tuple[int, int], ...]:
+        """Token positions [start, end) of the generated runs."""
+        return tuple((start, end) for start, end, fixed in self.runs() if not fixed)
 
     @property
     def length(self) -> int:
@@ -80,6 +86,7 @@ class RequestOutput:
     def __init__(self, lm: LoadedModel, job: Job, *, pieces: bool = False):
         self.lm = lm
         self.layout = Layout.of(job)
+        self.gaps = job.gaps or self.layout.gaps  # the job's own gaps tell adjacent gaps apart
         self.rows, self.steps, self.predictor = job.rows, job.steps, job.predictor
         self.pieces = pieces  # per-position display strings in step events
 
@@ -92,30 +99,21 @@ class RequestOutput:
         for sample, row in zip(samples, record.tokens.tolist()):
             sample.pieces = token_pieces(self.lm, row)
         return StepEvent(step=record.step, steps=record.steps, t=record.t, samples=samples,
-                         prefix_tokens=self.layout.prefix_tokens, suffix_tokens=self.layout.suffix_tokens)
+                         prefix_tokens=self.layout.prefix_tokens, suffix_tokens=self.layout.suffix_tokens,
+                         fixed=list(self.layout.fixed))
 
     # ---- the result --------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor) -> list[DecodedSample]:
-        """Each row's text and where its generated parts lie in it.
-
-        Each run of fixed or generated positions is decoded on its own: fixed text is whole characters,
-        so the joined runs equal the row decoded at once (GPT-2 bytes of a character never straddle a run)."""
-        samples = []
-        for row in tokens.tolist():
-            text, spans = "", []
-            for start, end, fixed in self.layout.runs():
-                piece = self.lm.tokenizer.decode(row[start:end], self.lm.mask_id)
-                if not fixed:
-                    spans.append((len(text), len(text) + len(piece)))
-                text += piece
-            samples.append(DecodedSample(text, spans))
-        return samples
+        """Each row's text (the whole row decoded at once) and where its generated gaps lie in it."""
+        return [DecodedSample(*text_and_spans(self.lm.tokenizer, row, self.gaps, self.lm.mask_id))
+                for row in tokens.tolist()]
 
     def response(self, record: FinalOutput, answer: type[Response], **fields) -> Response:
         """`answer` (SampleResponse or a subclass) for the final record; `fields`: what the request echoes
-        (id, seed, the infill's prefix and suffix, ...)."""
+        (id, seed, the infill's prefix and suffix or segments, ...)."""
         timing = record.timing
-        return answer(model=self.lm.name, samples=[Sample(text=s.text) for s in self.decode(record.tokens)],
+        samples = [Sample(text=s.text, spans=s.spans) for s in self.decode(record.tokens)]
+        return answer(model=self.lm.name, samples=samples,
                       num_samples=self.rows, steps=self.steps, predictor=self.predictor, length=self.layout.length,
                       timing=Timing(queued_s=round(timing.queued_s, TIMING_DIGITS),
                                     run_s=round(timing.run_s, TIMING_DIGITS),

@@ -5,9 +5,13 @@ model's length) are checked per request and listed by GET /v1/model.
 """
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from sedd_core.canvas import MAX_SEGMENTS
 
 MAX_SEED = 2**63 - 1
 
@@ -20,18 +24,23 @@ def default_steps(max_steps: int) -> int:
     return min(DEFAULT_STEPS, max_steps)
 
 
-class SampleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"num_samples": 2, "steps": 128, "predictor": "analytic", "seed": 42},
-        {"num_samples": 1, "steps": 64, "stream": True, "stream_every": 4},
-    ]})
+def _integral(value):
+    """JSON Schema's `integer` includes 2.0: a number with no fractional part is that integer. Strings,
+    booleans and 2.5 are still refused (the fields are strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class GenerationOptions(BaseModel):
+    """The fields every generation request has: how many samples, how many steps, how to answer."""
+
+    model_config = ConfigDict(extra="forbid")
 
     num_samples: int = Field(1, ge=1, strict=True, description="samples to draw; at most the server's max_samples "
                                                   "(GET /v1/model)", examples=[1])
     steps: int = Field(DEFAULT_STEPS, ge=1, strict=True, description="denoising steps: more steps, better text, longer wait; at most "
                                               "the server's max_steps", examples=[128])
-    length: int | None = Field(None, ge=1, strict=True, description="tokens per sample; null = the model's length "
-                                                       "(its maximum)", examples=[None])
     predictor: Literal["analytic", "euler"] = Field("analytic", description="the update rule of each step: "
                                                     "analytic (Tweedie tau-leaping) or euler")
     seed: int | None = Field(None, ge=0, strict=True, le=MAX_SEED, description="seed for a reproducible result; null = a "
@@ -43,14 +52,45 @@ class SampleRequest(BaseModel):
     pieces: bool = Field(False, strict=True, description="when streaming, add one display string per position to each "
                                             "sample of a `step` event")
 
-    @field_validator("num_samples", "steps", "length", "seed", "stream_every", mode="before")
-    @classmethod
-    def _integral_numbers(cls, value):
-        """JSON Schema's `integer` includes 2.0: a number with no fractional part is that integer. Strings,
-        booleans and 2.5 are still refused (the fields are strict)."""
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
+    _integral_numbers = field_validator("num_samples", "steps", "seed", "stream_every", mode="before")(_integral)
+
+
+class SampleRequest(GenerationOptions):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"num_samples": 2, "steps": 128, "predictor": "analytic", "seed": 42},
+        {"num_samples": 1, "steps": 64, "stream": True, "stream_every": 4},
+    ]})
+
+    length: int | None = Field(None, ge=1, strict=True, description="tokens per sample; null = the model's length "
+                                                       "(its maximum)", examples=[None])
+
+    _integral_length = field_validator("length", mode="before")(_integral)
+
+
+# A segment is kept text or a gap of that many tokens. Only the shape is checked here; the rules a list
+# of segments must follow (at least one gap, gaps >= 1, at most MAX_SEGMENTS, the model's length and
+# vocabulary) are the library's (sedd_core.canvas), whose messages name the segment. The schema states them.
+def _segment(value):
+    value = _integral(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PydanticCustomError("segment_type", "a segment is a string (text kept exactly) or a whole number (a gap "
+                                  "of that many tokens), got {value}", {"value": json.dumps(value, default=repr)[:40]})
+    return value
+
+
+Segment = Annotated[str | int, BeforeValidator(_segment)]
+SEGMENTS_EXAMPLE = ["ROMEO. ", 40, " and JULIET ", 30, "."]
+SEGMENTS_SCHEMA = {"minItems": 1, "maxItems": MAX_SEGMENTS,
+                   "items": {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]}}
+CANVAS_FIELDS = ("prefix", "suffix", "length")
+
+
+def _integral_items(value):
+    return [_integral(item) for item in value] if isinstance(value, list) else value
+
+
+def _integral_pairs(value):
+    return [_integral_items(pair) for pair in value] if isinstance(value, list) else value
 
 
 class InfillRequest(SampleRequest):
@@ -58,16 +98,57 @@ class InfillRequest(SampleRequest):
         {"prefix": "di", "suffix": "ok", "num_samples": 2, "steps": 64, "seed": 7},
         {"prefix": "Once upon a time", "suffix": " and they lived happily ever after.", "steps": 256,
          "stream": True, "stream_every": 8},
+        {"segments": SEGMENTS_EXAMPLE, "num_samples": 2, "steps": 128, "seed": 7},
     ]})
 
     prefix: str = Field("", description="text fixed at the start of the canvas, kept exactly",
                         examples=["Once upon a time"])
     suffix: str = Field("", description="text fixed at the end of the canvas, kept exactly",
                         examples=[" and they lived happily ever after."])
+    segments: list[Segment] | None = Field(
+        None, examples=[SEGMENTS_EXAMPLE], json_schema_extra={"anyOf": [{"type": "array", **SEGMENTS_SCHEMA},
+                                                                       {"type": "null"}]},
+        description="instead of prefix/suffix/length: the whole canvas as an ordered list of segments, a string "
+                    "is text kept exactly where it stands, a whole number is a gap of that many tokens for the "
+                    f"model to fill; at most {MAX_SEGMENTS} segments, at least one gap, the canvas (all segments' "
+                    "tokens) at most the model's length. Each answer sample's `spans` locate the gaps in its text")
+
+    @model_validator(mode="after")
+    def _segments_or_prefix_and_suffix(self):
+        given = [name for name in CANVAS_FIELDS if name in self.model_fields_set]
+        if self.segments is not None and given:
+            raise PydanticCustomError("segments_and_prefix", "give either segments or {given}, not both: segments "
+                                      "describe the whole canvas", {"given": "/".join(given)})
+        return self
+
+
+class RewriteRequest(GenerationOptions):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"text": "ROMEO. What light through yonder window breaks?", "spans": [[7, 17]], "seed": 7},
+        {"text": "did ok", "spans": [[1, 3], [4, 5]], "lengths": [2, 1], "steps": 64, "stream": True},
+    ]})
+
+    text: str = Field(description="the text to rewrite; every character outside `spans` is kept exactly",
+                      examples=["ROMEO. What light through yonder window breaks?"])
+    spans: list[tuple[Annotated[int, Strict()], Annotated[int, Strict()]]] = Field(
+        json_schema_extra={"minItems": 1}, examples=[[[7, 17]]],
+        description="character ranges [start, end) of `text` to generate anew (offsets count Unicode code "
+                    "points), in order and not overlapping")
+    lengths: list[Annotated[int, Strict()]] | None = Field(
+        None, json_schema_extra={"anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 1}},
+                                           {"type": "null"}]},
+        description="tokens for each span's gap, one per span; null = as many as the span's text encodes to")
+
+    _integral_spans = field_validator("spans", mode="before")(_integral_pairs)
+    _integral_lengths = field_validator("lengths", mode="before")(_integral_items)
 
 
 class Sample(BaseModel):
     text: str = Field(description="the generated text (for infill: prefix, middle and suffix)")
+    spans: list[tuple[int, int]] | None = Field(
+        None, examples=[[[7, 52], [64, 97]]],
+        description="character ranges [start, end) of `text` that the model generated (the gaps, in order); "
+                    "the text between them was kept")
 
 
 class Timing(BaseModel):
@@ -89,8 +170,16 @@ class SampleResponse(BaseModel):
 
 
 class InfillResponse(SampleResponse):
-    prefix: str
-    suffix: str
+    prefix: str | None = Field(None, description="the request's prefix (prefix/suffix requests)")
+    suffix: str | None = Field(None, description="the request's suffix (prefix/suffix requests)")
+    segments: list[str | int] | None = Field(None, description="the request's segments (segments requests)")
+
+
+class RewriteResponse(SampleResponse):
+    text: str = Field(description="the request's text")
+    spans: list[tuple[int, int]] = Field(description="the request's spans (into `text`; each sample's own "
+                                                     "`spans` locate the new text in it)")
+    lengths: list[int] | None = Field(None, description="the request's lengths, when it gave them")
 
 
 class StepSample(BaseModel):
@@ -108,6 +197,8 @@ class StepEvent(BaseModel):
     samples: list[StepSample]
     prefix_tokens: int | None = Field(None, description="with `pieces`: fixed positions at the start")
     suffix_tokens: int | None = Field(None, description="with `pieces`: fixed positions at the end")
+    fixed: list[bool] | None = Field(None, description="with `pieces`: one flag per position, true where the "
+                                                       "request's text is kept (the same for every sample)")
 
 
 class ErrorEvent(BaseModel):
@@ -154,3 +245,5 @@ class ModelInfo(BaseModel):
     max_steps: int
     max_samples: int
     flash_attn: FlashAttention
+    replica: str | None = Field(None, description="the replica that answered, as in the X-Replica-ID header "
+                                "(SEDD_REPLICA_ID; unset: HOST:PID, under Ray Serve the replica's id)")

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     oxen_host: str | None = Field(None, description="Oxen hub host for oxen: sources; unset = hub.oxen.ai")
     gpt2_vocab: Path | None = Field(None, description="a gpt2.tiktoken file for GPT-2 models, instead of "
                                     "tiktoken's download")
+    replica_id: str | None = Field(None, description="this server's name in the X-Replica-ID header and GET "
+                                   "/v1/model; unset = HOST:PID (under Ray Serve: the replica's id)")
     fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
                                   "which makes the next model passes fail; never set it in production")
 
@@ -88,6 +90,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
         return [str(origin).strip().rstrip("/") for origin in value if str(origin).strip()]
+
+    @field_validator("replica_id", mode="before")
+    @classmethod
+    def _empty_replica(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return str(value).strip()
 
     @field_validator("log_level")
     @classmethod

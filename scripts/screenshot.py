@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Screenshots of the web page for the README: a finished infill run and a run caught midway.
+"""Screenshots of the web page for the README: a finished infill run, a run caught midway, and a
+template run whose selected span is being rewritten.
 
     .venv/bin/python scripts/screenshot.py                                # the default model
     .venv/bin/python scripts/screenshot.py --model ../shared/reference/tiny-five
     .venv/bin/python scripts/screenshot.py --url http://127.0.0.1:8000    # a server already running
+    .venv/bin/python scripts/screenshot.py --shots rewrite                # only the rewrite picture
 
 Starts the server (uvicorn app.main:create_app) on a free local port with SEDD_MODEL=--model,
 waits for /health, drives the page in Debian's headless `chromium` through Playwright, and
-writes docs/screenshot.png (finished) and docs/screenshot-running.png (mid-run). The mid-run
-shot is exact: the page's stream reader is held at the chosen step while the picture is taken.
+writes docs/screenshot.png (finished) and docs/screenshot-running.png (mid-run) for `infill`,
+docs/screenshot-rewrite.png for `rewrite` (a Template run, then part of its first sample
+selected and rewritten, caught midway). The mid-run shots are exact: the page's stream reader
+is held at the chosen step while the picture is taken.
 """
 from __future__ import annotations
 
@@ -92,6 +96,39 @@ def server(model: str, timeout: float, env_extra: dict[str, str]):
     Path(log.name).unlink(missing_ok=True)
 
 
+# Set window.__hold (see HOLD_READS) once about half of the masked positions are revealed.
+HOLD_HALFWAY = """() => {
+    let first = null;
+    const onStep = (ev) => {
+        const left = ev.detail.samples.reduce((n, s) => n + s.masks_left, 0);
+        if (first === null) first = Math.max(left, 1);
+        if (left <= first * 0.55 && left > 0) {
+            document.removeEventListener('sedd:step', onStep);
+            window.__hold = new Promise((resolve) => { window.__release = resolve; });
+            window.__held = true;
+        }
+    };
+    window.__held = false;
+    document.addEventListener('sedd:step', onStep);
+}"""
+
+# Select the middle of the first generated span of sample 1 (whole words where it can), as a mouse would.
+SELECT_IN_FIRST_GAP = """() => {
+    const text = document.querySelector('#output .sample .text');
+    const gap = text.querySelector('.tok.generated');
+    const node = gap.firstChild;
+    const value = node.textContent;
+    let start = Math.floor(value.length * 0.3);
+    let end = Math.max(start + 1, Math.floor(value.length * 0.75));
+    const before = value.lastIndexOf(' ', start);
+    const after = value.indexOf(' ', end);
+    if (before > 0 && start - before < 12) start = before + 1;
+    if (after > 0 && after - end < 12) end = after;
+    getSelection().setBaseAndExtent(node, start, node, end);
+    return value.slice(start, end);
+}"""
+
+
 def defaults_for(info: dict, args) -> dict:
     """Prompt and sizes that suit the model unless given: tiny models get the tiny-five corpus words."""
     length = info.get("length") or 12
@@ -102,7 +139,65 @@ def defaults_for(info: dict, args) -> dict:
         "length": args.length if args.length is not None else (None if length <= 256 else 128),
         "steps": args.steps if args.steps is not None else (32 if short else 128),
         "samples": args.samples if args.samples is not None else (4 if short else 2),
+        "template": args.template if args.template is not None else (
+            "h[[3]]o w[[4]]!" if short else "ROMEO. [[40]]\nJULIET. [[40]]\nROMEO. [[24]]"),
     }
+
+
+def shoot_held(page, out: Path, what: str, full_page: bool) -> None:
+    """After a click that starts a run with HOLD_HALFWAY armed: the picture of the held state, then let it finish."""
+    page.wait_for_function("window.__held === true || document.querySelector('#status.done, #status.error')")
+    if page.evaluate("window.__held === true"):
+        page.evaluate("window.scrollTo(0, 0)")  # the status line and the output's head in view
+        page.wait_for_timeout(150)  # let the reveal highlight show
+        page.screenshot(path=str(out), full_page=full_page)
+        print(f"wrote {out}: {page.text_content('#status')}")
+        page.evaluate("window.__hold = null; window.__release()")
+    else:
+        print(f"the {what} ended before a mid-run state could be held; {out.name} not written", file=sys.stderr)
+    page.wait_for_selector("#status.done, #status.error")
+    if page.locator("#status.error").count():
+        raise SystemExit(f"the {what} failed: {page.text_content('#status')}")
+
+
+def shoot_infill(page, run: dict, out_dir: Path, args) -> None:
+    page.select_option("#mode", "infill")
+    page.fill("#prefix", run["prefix"])
+    page.fill("#suffix", run["suffix"])
+    page.fill("#steps", str(run["steps"]))
+    page.fill("#samples", str(run["samples"]))
+    page.fill("#length", "" if run["length"] is None else str(run["length"]))
+    if args.seed is not None:
+        page.fill("#seed", str(args.seed))
+    page.evaluate(HOLD_HALFWAY)
+    page.click("#generate")
+    page.mouse.move(0, 0)  # no hover styles in the pictures
+    shoot_held(page, out_dir / "screenshot-running.png", "run", args.full_page)
+    page.wait_for_timeout(1300)  # the last reveal highlights fade out
+    page.screenshot(path=str(out_dir / "screenshot.png"), full_page=args.full_page)
+    print(f"wrote {out_dir / 'screenshot.png'}: {page.text_content('#status')}")
+
+
+def shoot_rewrite(page, run: dict, out_dir: Path, args) -> None:
+    page.select_option("#mode", "template")
+    page.fill("#template", run["template"])
+    page.fill("#steps", str(run["steps"]))
+    page.fill("#samples", "2")
+    if args.seed is not None:
+        page.fill("#seed", str(args.seed))
+    page.click("#generate")
+    page.mouse.move(0, 0)
+    page.wait_for_selector("#status.done, #status.error")
+    if page.locator("#status.error").count():
+        raise SystemExit(f"the template run failed: {page.text_content('#status')}")
+    page.wait_for_timeout(1300)
+    selected = page.evaluate(SELECT_IN_FIRST_GAP)
+    page.wait_for_function("!document.getElementById('rewrite').disabled")
+    page.evaluate(HOLD_HALFWAY)
+    page.click("#rewrite")
+    page.mouse.move(0, 0)
+    shoot_held(page, out_dir / "screenshot-rewrite.png", "rewrite", args.full_page)
+    print(f"rewrote {selected!r}: {page.text_content('#status')}")
 
 
 def shoot(url: str, args) -> None:
@@ -131,49 +226,10 @@ def shoot(url: str, args) -> None:
         page.add_init_script(HOLD_READS)
         if args.api_key:
             page.add_init_script(f"localStorage.setItem('sedd-serve.apiKey', {json.dumps(args.api_key)})")
-        page.goto(url.rstrip("/") + "/")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes(' · ')")
-
-        page.select_option("#mode", "infill")
-        page.fill("#prefix", run["prefix"])
-        page.fill("#suffix", run["suffix"])
-        page.fill("#steps", str(run["steps"]))
-        page.fill("#samples", str(run["samples"]))
-        page.fill("#length", "" if run["length"] is None else str(run["length"]))
-        if args.seed is not None:
-            page.fill("#seed", str(args.seed))
-        # Hold the reader once about half of the masked positions are revealed.
-        page.evaluate("""() => {
-            let first = null;
-            const onStep = (ev) => {
-                const left = ev.detail.samples.reduce((n, s) => n + s.masks_left, 0);
-                if (first === null) first = Math.max(left, 1);
-                if (left <= first * 0.55 && left > 0) {
-                    document.removeEventListener('sedd:step', onStep);
-                    window.__hold = new Promise((resolve) => { window.__release = resolve; });
-                    window.__held = true;
-                }
-            };
-            document.addEventListener('sedd:step', onStep);
-        }""")
-        page.click("#generate")
-        page.mouse.move(0, 0)  # no hover styles in the pictures
-        page.wait_for_function("window.__held === true || document.querySelector('#status.done, #status.error')")
-        if page.evaluate("window.__held === true"):
-            page.wait_for_timeout(150)  # let the reveal highlight show
-            page.screenshot(path=str(out_dir / "screenshot-running.png"), full_page=args.full_page)
-            print(f"wrote {out_dir / 'screenshot-running.png'}: {page.text_content('#status')}")
-            page.evaluate("window.__hold = null; window.__release()")
-        else:
-            print("the run ended before a mid-run state could be held; screenshot-running.png not written",
-                  file=sys.stderr)
-        page.wait_for_selector("#status.done, #status.error")
-        status = page.text_content("#status")
-        if page.locator("#status.error").count():
-            raise SystemExit(f"the run failed: {status}")
-        page.wait_for_timeout(1300)  # the last reveal highlights fade out
-        page.screenshot(path=str(out_dir / "screenshot.png"), full_page=args.full_page)
-        print(f"wrote {out_dir / 'screenshot.png'}: {status}")
+        for shot in args.shots:
+            page.goto(url.rstrip("/") + "/")
+            page.wait_for_function("document.getElementById('model-info').textContent.includes(' · ')")
+            (shoot_infill if shot == "infill" else shoot_rewrite)(page, run, out_dir, args)
         if errors:
             print("page errors:\n  " + "\n  ".join(errors), file=sys.stderr)
         browser.close()
@@ -190,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--samples", type=int)
     ap.add_argument("--length", type=int)
+    ap.add_argument("--template", help="the Template run's text, gaps as [[N]] (for the rewrite picture)")
+    ap.add_argument("--shots", type=lambda v: v.split(","), default=["infill", "rewrite"],
+                    help="which pictures, comma-separated: infill (screenshot.png, screenshot-running.png), "
+                         "rewrite (screenshot-rewrite.png); default both")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out-dir", default=str(REPO_ROOT / "docs"))
     ap.add_argument("--width", type=int, default=1280)
@@ -201,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the model to load")
     ap.add_argument("--run-timeout", type=float, default=600, help="seconds to wait for the run")
     args = ap.parse_args(argv)
+    if not set(args.shots) <= {"infill", "rewrite"}:
+        ap.error(f"--shots: choose from infill, rewrite (got {','.join(args.shots)})")
     if args.url:
         shoot(args.url, args)
         return 0

@@ -131,6 +131,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        return _serve_with_ray(args)
+    if args.replicas is not None:
+        print("sedd: error: --replicas needs --ray (one server process serves one device; docs/scale-out.md)",
+              file=sys.stderr)
+        return 2
+
     import uvicorn
     from pydantic import ValidationError
 
@@ -147,6 +154,25 @@ def cmd_serve(args) -> int:
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
+
+
+def _serve_with_ray(args) -> int:
+    """`sedd serve --ray --replicas N`: Ray Serve replicas on a local Ray instance (app/ray_serve.py)."""
+    import importlib.util
+
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
+        print(f"sedd: error: --replicas must be at least 1, got {replicas}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        print("sedd: error: --ray needs Ray Serve, which is not installed: pip install 'sedd-serve[ray]'",
+              file=sys.stderr)
+        return 2
+    from app.ray_serve import serve_local  # the server package; the library never imports it at import time
+
+    overrides = {flag: getattr(args, flag) for flag in ("model", "device", "dtype") if getattr(args, flag)}
+    overrides["log_level"] = args.log_level
+    return serve_local(overrides, replicas=replicas, host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish streams on shutdown")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas on a local Ray instance "
+                                                      "(needs 'sedd-serve[ray]'; docs/scale-out.md)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, each with its own model, engine "
+                                                           "and device (default 1)")
     p.set_defaults(func=cmd_serve)
 
     for module in ("training.cli", "data", "evaluate"):

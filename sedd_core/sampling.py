@@ -162,14 +162,16 @@ def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Ge
     return out.log_()
 
 
-def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
+def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor, resampled_fixed: bool) -> None:
+    """Hand each job its rows of the step's result. `resampled_fixed`: the step drew every position (the
+    uniform graph), so fixed text is written back at once (the step events show it, the final answer keeps it)."""
     start = 0
     for job in jobs:
         job.x = x[start : start + job.rows]
         job.masks_left = masks_left[start : start + job.rows]
         job.step_index += 1
-        if job.done:
-            job.project()  # the uniform graph resamples every position: keep fixed text after the final denoise
+        if resampled_fixed:
+            job.project()
         start += job.rows
 
 
@@ -199,7 +201,7 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job], fused
     else:
         x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
         masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # no mask state
-    _advance(jobs, x, masks_left)
+    _advance(jobs, x, masks_left, resampled_fixed=not graph.absorb)
     return work
 
 

@@ -98,11 +98,11 @@ def test_uniform_graph_samples_and_projects(tmp_path, tiny_config, write_oxen_fo
     lm = sedd_core.load(folder, device="cpu")
     texts = sedd_core.generate(lm, num_samples=4, steps=6, seed=5, prefix="abc", suffix="xyz")
     assert all(len(t) == 16 and t.startswith("abc") and t.endswith("xyz") for t in texts)
-    # ... and after the final denoise, which resamples every position too
-    job = make_job(lm, num_samples=64, steps=2, seed=6, segments=[3, "mid", 10])
-    for _ in iterate(lm, job):
-        pass
-    assert (job.x[:, 3:6] == torch.tensor(lm.tokenizer.encode("mid"))).all()
+    # ... after every step (each resamples every position, the final denoise too), so no state shows other text
+    job = make_job(lm, num_samples=64, steps=3, seed=6, segments=[3, "mid", 10])
+    kept = torch.tensor(lm.tokenizer.encode("mid"))
+    for state in iterate(lm, job):
+        assert (state.x[:, 3:6] == kept).all(), state.step_index
 
 
 def test_euler_and_analytic_rows_share_a_pass(tmp_path, tiny_config, write_oxen_folder):

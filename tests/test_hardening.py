@@ -256,11 +256,12 @@ async def test_no_request_field_names_a_file_or_a_model(access_client):
             answer = await access_client.post("/sample", json={"steps": 4, field: value}, headers=AUTH)
             assert answer.status_code == 422 and f"unknown field {field!r}" in answer.json()["detail"]
     schemas = (await access_client.get("/openapi.json")).json()["components"]["schemas"]
-    for name in ("SampleRequest", "InfillRequest"):
+    for name in ("SampleRequest", "InfillRequest", "RewriteRequest"):
         properties = schemas[name]["properties"]
         assert schemas[name]["additionalProperties"] is False
         assert set(properties) <= {"num_samples", "steps", "length", "predictor", "seed", "stream", "stream_every",
-                                   "pieces", "prefix", "suffix"}, sorted(properties)
+                                   "pieces", "prefix", "suffix", "segments", "text", "spans", "lengths"}, \
+            sorted(properties)
 
 
 @pytest.mark.anyio

@@ -58,6 +58,7 @@ def test_step_event_and_response_shapes(lm):
     with_pieces = RequestOutput(lm, job, pieces=True).step_event(record)
     assert with_pieces.samples[0].pieces == ["a"] + [MASK_PLACEHOLDER] * 7
     assert (with_pieces.prefix_tokens, with_pieces.suffix_tokens) == (1, 0)
+    assert event.fixed is None and with_pieces.fixed == [True] + [False] * 7
 
     final = FinalOutput(request_id=1, tokens=torch.tensor([lm.tokenizer.encode("abcdefgh")]),
                         timing=Timing(queued_s=0.123456, run_s=1.0, total_s=1.123456))

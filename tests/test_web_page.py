@@ -255,3 +255,99 @@ def test_busy_and_unauthorized_answers(page):
     page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny-five')")
     assert page.input_value("#api-key") == "page-test-key"
     assert [e for e in page.errors if "status of 401" not in e and "status of 503" not in e] == []
+
+
+def char_box(page, panel: int, offset: int) -> dict:
+    """The on-screen box of the character at `offset` in the text of sample panel `panel`."""
+    return page.evaluate("""([panel, offset]) => {
+        const text = document.querySelectorAll('#output .sample .text')[panel];
+        const walker = document.createTreeWalker(text, NodeFilter.SHOW_TEXT);
+        let left = offset;
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            if (left < node.length) {
+                const range = document.createRange();
+                range.setStart(node, left);
+                range.setEnd(node, left + 1);
+                const r = range.getBoundingClientRect();
+                return { x: r.x, y: r.y, width: r.width, height: r.height };
+            }
+            left -= node.length;
+        }
+        throw new Error(`no character ${offset}`);
+    }""", [panel, offset])
+
+
+def select_with_mouse(page, panel: int, start: int, end: int) -> None:
+    """Drag from the left edge of character `start` to the right edge of character `end - 1`."""
+    first, last = char_box(page, panel, start), char_box(page, panel, end - 1)
+    page.mouse.move(first["x"] + 1, first["y"] + first["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(last["x"] + last["width"] / 2, last["y"] + last["height"] / 2, steps=5)
+    page.mouse.move(last["x"] + last["width"] - 0.5, last["y"] + last["height"] / 2)
+    page.mouse.up()
+
+
+def test_template_run_keeps_its_text(page):
+    page.select_option("#mode", "template")
+    assert page.is_visible("#template") and page.is_disabled("#length")
+    page.fill("#template", "h[[3]]o w")
+    page.fill("#gap-size", "3")
+    page.focus("#template")
+    page.evaluate("document.getElementById('template').setSelectionRange(9, 9)")
+    page.click("#insert-gap")  # the button writes [[3]] at the caret
+    page.type("#template", "!")
+    assert page.input_value("#template") == "h[[3]]o w[[3]]!"
+    page.fill("#samples", "2")
+    page.fill("#steps", "24")
+    page.fill("#seed", "4")
+    record_steps(page)
+    page.evaluate("""() => document.addEventListener('sedd:step', () => window.__steps.at(-1).kept =
+        Array.from(document.querySelectorAll('#output .fixed.kept'), (e) => e.textContent).join(''))""")
+    sent = []
+    page.on("request", lambda req: sent.append(json.loads(req.post_data)) if req.method == "POST" else None)
+    page.click("#generate")
+    page.wait_for_selector("#status.done")
+    assert sent[0]["segments"] == ["h", 3, "o w", 3, "!"]
+    steps = page.evaluate("window.__steps")
+    assert steps and any(s["masks"] > 0 for s in steps)
+    for step in steps:  # kept text is tinted live, from the step events' `fixed` flags
+        assert (step["prefix"], step["kept"], step["suffix"]) == ("h" * 2, "o w" * 2, "!" * 2), step
+    texts = page.locator("#output .sample .text").all_text_contents()
+    assert len(texts) == 2
+    for text in texts:
+        assert len(text) == 11 and MASK not in text
+        assert text[0] == "h" and text[4:7] == "o w" and text[10] == "!", text
+    assert page.locator("#output .fixed.kept").all_text_contents() == ["o w", "o w"]
+    assert [len(t) for t in page.locator("#output .tok.generated").all_text_contents()] == [3, 3, 3, 3]
+    assert page.errors == []
+
+
+def test_rewrite_changes_only_the_selected_span(page):
+    page.fill("#samples", "2")
+    page.fill("#steps", "24")
+    page.fill("#seed", "8")
+    page.click("#generate")
+    page.wait_for_selector("#status.done")
+    before = page.locator("#output .sample .text").all_text_contents()
+    assert page.is_disabled("#rewrite")  # nothing selected yet
+    select_with_mouse(page, panel=1, start=3, end=8)
+    assert page.evaluate("getSelection().toString()") == before[1][3:8]
+    assert page.is_enabled("#rewrite")
+    sent = []
+    page.on("request", lambda req: sent.append(json.loads(req.post_data)) if req.method == "POST" else None)
+    record_steps(page)
+    page.click("#rewrite")
+    page.wait_for_selector("#status.done")
+    assert sent == [{"text": before[1], "spans": [[3, 8]], "num_samples": 1, "steps": 24, "predictor": "analytic",
+                     "seed": 8, "stream": True, "stream_every": 1, "pieces": True}]
+    steps = page.evaluate("window.__steps")
+    assert steps and steps[0]["masks"] == 5  # the span went back to masks, only it
+    assert "Rewrote a span of sample 2" in page.text_content("#status")
+    after = page.locator("#output .sample .text").all_text_contents()
+    assert after[0] == before[0]  # the other sample is untouched
+    assert len(after[1]) == len(before[1]) and MASK not in after[1]
+    assert after[1][:3] == before[1][:3] and after[1][8:] == before[1][8:]
+    assert page.locator("#output .sample").nth(1).locator(".tok.generated").all_text_contents() == [after[1][3:8]]
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(TEST_OUTPUT / "web-page-rewrite.png"), full_page=True)
+    assert page.errors == []

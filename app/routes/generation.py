@@ -1,5 +1,8 @@
-"""POST /sample and POST /infill: check limits, build a job with sedd_core, submit it to the engine,
-answer with JSON or stream Server-Sent Events (shapes from app/outputs.py)."""
+"""POST /sample, POST /infill and POST /rewrite: check limits, build a job with sedd_core, submit it to
+the engine, answer with JSON or stream Server-Sent Events (shapes from app/outputs.py).
+
+Each route only says what canvas its body describes (a length, a prefix and suffix, segments, or a text
+with spans to rewrite) and what its answer echoes; the rest of the path is shared."""
 from __future__ import annotations
 
 import json
@@ -11,8 +14,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from sedd_core.canvas import SegmentError, rewrite_segments
 from sedd_core.engine import EngineOutput, FinalOutput, StepOutput
 from sedd_core.generation import GenerationError, make_job, new_seed
+from sedd_core.loading import LoadedModel
 
 from .. import submissions
 from ..auth import require_api_key
@@ -23,8 +28,11 @@ from ..schemas import (
     WWW_AUTHENTICATE,
     ErrorEvent,
     ErrorResponse,
+    GenerationOptions,
     InfillRequest,
     InfillResponse,
+    RewriteRequest,
+    RewriteResponse,
     SampleRequest,
     SampleResponse,
     StepEvent,
@@ -78,15 +86,39 @@ def responses(answer: type) -> dict[int | str, dict[str, Any]]:
              summary="Draw unconditional samples")
 async def sample(body: SampleRequest, request: Request, state: ReadyState):
     """Samples of the model's length (or `length`), denoised from all-masked in `steps` steps."""
-    return await _generate(request, state, body, "sample")
+    return await _generate(request, state, body, "sample", SampleResponse, lambda lm: {"length": body.length})
 
 
 @router.post("/infill", response_model=InfillResponse, responses=responses(InfillResponse),
-             summary="Fill the middle between a fixed prefix and suffix")
+             summary="Keep text at any positions and fill the gaps")
 async def infill(body: InfillRequest, request: Request, state: ReadyState):
     """A canvas of `length` tokens (default: the model's length) with `prefix` at its start and `suffix` at
-    its end, both kept exactly; the positions between them are generated."""
-    return await _generate(request, state, body, "infill")
+    its end, both kept exactly; the positions between them are generated.
+
+    Or, instead of prefix/suffix/length, `segments`: the canvas as kept text and gaps at any positions, e.g.
+    `["ROMEO. ", 40, " and JULIET ", 30, "."]`. Each sample's `spans` are the character ranges of its gaps."""
+    if body.segments is not None:
+        return await _generate(request, state, body, "infill", InfillResponse,
+                               lambda lm: {"segments": body.segments}, segments=body.segments)
+    return await _generate(request, state, body, "infill", InfillResponse,
+                           lambda lm: {"length": body.length, "prefix": body.prefix, "suffix": body.suffix},
+                           prefix=body.prefix, suffix=body.suffix)
+
+
+@router.post("/rewrite", response_model=RewriteResponse, responses=responses(RewriteResponse),
+             summary="Regenerate character spans of a text in place")
+async def rewrite(body: RewriteRequest, request: Request, state: ReadyState):
+    """Every character of `text` outside `spans` is kept; each span becomes a gap of as many tokens as its
+    text encodes to (or `lengths[i]`) and is generated anew. Each sample's `spans` locate the new text."""
+
+    def canvas(lm: LoadedModel) -> dict[str, Any]:
+        try:
+            return {"segments": rewrite_segments(lm.tokenizer, body.text, body.spans, body.lengths)}
+        except SegmentError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+
+    return await _generate(request, state, body, "rewrite", RewriteResponse, canvas, text=body.text,
+                           spans=body.spans, lengths=body.lengths)
 
 
 # ---- the shared path ------------------------------------------------------------------------------
@@ -98,16 +130,17 @@ def _json(model: BaseModel) -> str:
     return _dumps(model.model_dump(exclude_none=True))
 
 
-async def _generate(request: Request, state: ServerState, body: SampleRequest, kind: str):
+async def _generate(request: Request, state: ServerState, body: GenerationOptions, kind: str,
+                    answer_model: type[SampleResponse], canvas: Callable[[LoadedModel], dict[str, Any]], **echo):
+    """`canvas(lm)`: make_job's arguments for where the request's text and gaps lie (or an HTTPException);
+    `echo`: what the answer repeats from the request."""
     settings, lm = state.settings, state.lm
     steps = requested_steps(body, settings)
     check_limits(settings, steps=steps, num_samples=body.num_samples)
-    infill = isinstance(body, InfillRequest)
     seed = body.seed if body.seed is not None else new_seed()
+    placement = canvas(lm)
     try:
-        job = make_job(lm, num_samples=body.num_samples, steps=steps, length=body.length,
-                       predictor=body.predictor, seed=seed, prefix=body.prefix if infill else "",
-                       suffix=body.suffix if infill else "")
+        job = make_job(lm, num_samples=body.num_samples, steps=steps, predictor=body.predictor, seed=seed, **placement)
     except GenerationError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
 
@@ -118,10 +151,7 @@ async def _generate(request: Request, state: ServerState, body: SampleRequest, k
     request_id = f"{kind}-{uuid.uuid4().hex[:24]}"
 
     def answer(final: FinalOutput) -> SampleResponse:
-        if infill:
-            return output.response(final, InfillResponse, id=request_id, seed=seed, prefix=body.prefix,
-                                   suffix=body.suffix)
-        return output.response(final, SampleResponse, id=request_id, seed=seed)
+        return output.response(final, answer_model, id=request_id, seed=seed, **echo)
 
     headers = {"X-Request-ID": request_id}
     if streaming:

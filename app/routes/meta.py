@@ -1,7 +1,7 @@
 """GET /health (open), GET /v1/model and GET /metrics (behind the API key when there is one)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -32,7 +32,7 @@ async def health(state: AppState):
                        503: {"model": ErrorResponse, "description": "model loading or shutting down",
                              "headers": RETRY_AFTER}},
             summary="The loaded model and this server's limits")
-async def model_info(state: ReadyState) -> ModelInfo:
+async def model_info(state: ReadyState, request: Request) -> ModelInfo:
     lm, settings = state.lm, state.settings
     return ModelInfo(
         name=lm.name, source=lm.source, layout=lm.layout, tokenizer=lm.tokenizer.name,
@@ -42,6 +42,7 @@ async def model_info(state: ReadyState) -> ModelInfo:
         max_queue=settings.max_queue, max_steps=settings.max_steps, max_samples=settings.max_samples,
         flash_attn={"available": FLASH_ATTN_AVAILABLE,
                     "used": isinstance(lm.runner, FastSEDD) and flash_attn_usable(lm.device, lm.dtype)},
+        replica=request.app.state.replica_id,
     )
 
 

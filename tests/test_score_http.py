@@ -133,3 +133,13 @@ async def test_scoring_runs_on_the_engine_thread_while_sampling_flows(app_client
     library = score_texts(lm, TRAINING_STRINGS[:4], samples=1024)
     assert [r["nll_nats"] for r in scored.json()["results"]] == pytest.approx([r.nll_nats for r in library],
                                                                               rel=1e-5)
+
+
+@pytest.mark.anyio
+async def test_a_full_queue_is_a_503_with_retry_after(app_client, tiny_five):
+    """Scoring and completions share the engine's queue limit (here: no room at all)."""
+    async with app_client(tiny_five, max_queue=0) as client:
+        for path, body in (("/v1/score", {"text": "hello"}), ("/v1/completions", {"model": "tiny-five", "prompt": "he"})):
+            answer = await client.post(path, json=body)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+            assert answer.json()["error"]["type"] == "server_error" and "busy" in answer.json()["error"]["message"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +29,8 @@ import sedd_core
 
 from . import state as server_state
 from .middleware import BodySizeLimit, ReplicaHeader
-from .routes import generation, meta, pages
+from .openai_schemas import OpenAIError, error_body
+from .routes import generation, meta, openai, pages, score
 from .schemas import ErrorEvent, InfillRequest, RewriteRequest, SampleRequest, StepEvent, default_steps
 from .settings import Settings
 
@@ -40,6 +42,8 @@ model pass (continuous batching), so concurrent clients cost little more than on
 * `POST /sample`: unconditional samples. `POST /infill`: keep a prefix and a suffix, fill the middle; or
   keep text at any positions with `segments` (kept text and gaps). `POST /rewrite`: regenerate spans of a text.
 * `stream: true` (or `Accept: text/event-stream`) streams `step` events and one `done` event.
+* `POST /v1/completions`, `GET /v1/models`: OpenAI-compatible completions (`suffix` for infill), streamed or not.
+* `POST /v1/score`: the diffusion ELBO of texts (an upper bound on their negative log-likelihood).
 * `GET /v1/model`: the model and this server's limits. `GET /health`: readiness. `GET /metrics`: Prometheus.
 """
 
@@ -67,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.replica_id = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     app.include_router(generation.router)
     app.include_router(meta.router)
+    app.include_router(openai.router)
+    app.include_router(score.router)
     app.include_router(pages.router)
     if settings.fault_injection:  # test-only; never on by default
         from .routes import faults
@@ -77,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _unreadable_body)
+    app.add_exception_handler(OpenAIError, _openai_error)
     app.openapi = lambda: _openapi_with_events(app)
     # Added last = outermost: CORS headers reach the browser on 413 and 401 answers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -120,21 +127,70 @@ def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
                 for option in length.get("anyOf", [length]):
                     if option.get("type") == "integer":
                         option["maximum"] = state.lm.length
+        _openai_limits(components, state)
         if state.lm is None:  # the model's length is not known yet: do not keep this version
             return schema
         app.openapi_schema = schema
     return app.openapi_schema
 
 
+def _integer_option(field: dict[str, Any]) -> dict[str, Any]:
+    """The integer schema of a field that may also be null (anyOf)."""
+    return next(option for option in field.get("anyOf", [field]) if option.get("type") == "integer")
+
+
+def _openai_limits(components: dict[str, Any], state: server_state.ServerState) -> None:
+    """This server's limits on the /v1 bodies: steps, choices and texts per request, score samples and,
+    once loaded, the model's name and length."""
+    settings = state.settings
+    fields = components["CompletionRequest"]["properties"]
+    _integer_option(fields["steps"]).update(maximum=settings.max_steps)
+    fields["n"]["maximum"] = settings.max_samples
+    for option in fields["prompt"]["anyOf"]:
+        if option.get("type") == "array":
+            option.update(minItems=1, maxItems=settings.max_samples)
+    score = components["ScoreRequest"]["properties"]
+    score["samples"]["maximum"] = settings.max_score_samples
+    for option in score["text"]["anyOf"]:
+        if option.get("type") == "array":
+            option.update(minItems=1, maxItems=settings.max_samples)
+    texts = [option for option in score["text"]["anyOf"] if option.get("type") == "string"]
+    texts += [option["items"] for option in score["text"]["anyOf"] if option.get("type") == "array"]
+    for text in texts:
+        text["minLength"] = 1
+    if state.lm is not None:
+        fields["model"]["enum"] = [state.lm.name]
+        _integer_option(fields["max_tokens"])["maximum"] = state.lm.length
+        chars = getattr(state.lm.tokenizer, "chars", None)  # a character vocabulary encodes only these
+        if chars is not None:
+            for text in texts:
+                text["pattern"] = "^[" + "".join(re.escape(c) for c in chars) + "]+$"
+
+
 # ---- readable validation errors -------------------------------------------------------------------
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 whose `detail` is one sentence per problem, naming the field; `errors` keeps the structure."""
+    """422 whose `detail` is one sentence per problem, naming the field; `errors` keeps the structure.
+    On /v1/* (OpenAI's clients): 400 in OpenAI's error shape, `param` naming the first field at fault."""
     model = BODY_MODELS.get(request.url.path)
     messages, errors = [], []
     for error in exc.errors():
         messages.append(_describe(error, model))
         errors.append({key: error[key] for key in ("loc", "msg", "type") if key in error})
+    if _openai_path(request):
+        loc = [str(part) for part in exc.errors()[0].get("loc", ())] if exc.errors() else []
+        param = (".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)) or None
+        return JSONResponse(error_body(400, "; ".join(messages), param=param, code="invalid_value"), status_code=400)
     return JSONResponse({"detail": "; ".join(messages), "errors": errors}, status_code=422)
+
+
+def _openai_path(request: Request) -> bool:
+    """/v1/* answers errors as OpenAI does (GET /v1/model included: it sits under the same prefix)."""
+    return request.url.path.startswith("/v1/")
+
+
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def _unreadable_body(request: Request, exc: StarletteHTTPException):
@@ -143,8 +199,14 @@ async def _unreadable_body(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
         cause = exc.__cause__
         message = f"the request body is not valid JSON: it is not UTF-8 text (byte {cause.start})"
+        if _openai_path(request):
+            return JSONResponse(error_body(400, message, code="invalid_json"), status_code=400)
         return JSONResponse({"detail": message, "errors": [{"loc": ["body"], "msg": message, "type": "json_invalid"}]},
                             status_code=422)
+    if _openai_path(request):
+        code = {401: "invalid_api_key", 404: "not_found", 503: "unavailable"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
     return await http_exception_handler(request, exc)
 
 

@@ -7,6 +7,7 @@ a prefix and suffix, or fixed text at any positions.
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,6 +18,7 @@ from sedd_core.engine import FinalOutput, StepOutput
 from sedd_core.generation import decode_rows, token_pieces
 from sedd_core.loading import LoadedModel
 from sedd_core.sampling import Job
+from sedd_core.tokenizers import GPT2Tokenizer, Tokenizer
 
 from .schemas import Sample, SampleResponse, StepEvent, StepSample, Timing
 
@@ -117,3 +119,75 @@ class RequestOutput:
                                     run_s=round(timing.run_s, TIMING_DIGITS),
                                     total_s=round(timing.total_s, TIMING_DIGITS)),
                       **fields)
+
+
+# ---- text of a gap as it is revealed (OpenAI-style streams) -----------------------------------------
+def token_bytes(tokenizer: Tokenizer, tokens: list[int]) -> bytes:
+    """The UTF-8 bytes of `tokens` (no masks): GPT-2 tokens may end inside a character."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return tokenizer.encoding.decode_bytes(tokens)
+    return tokenizer.decode(tokens).encode("utf-8")
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where `text` is cut for `stops`: the start of the earliest occurrence of any of them."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, str]:
+    """(text cut at the first stop string, finish_reason)."""
+    cut = first_stop(text, stops)
+    return (text, "length") if cut is None else (text[:cut], "stop")
+
+
+class GapStream:
+    """The text of one row's gap as deltas, while the absorbing sampler reveals it.
+
+    A revealed token never changes, so the run of revealed tokens from the gap's left end is final and
+    is sent as soon as it exists. Its bytes go through an incremental UTF-8 decoder (errors replaced as
+    in a one-shot decode), which holds back the bytes of a character that a later token completes: no
+    delta ever ends inside a character, and the deltas join to the one-shot decode of the gap. With stop
+    strings, text that could still be the start of a stop string is held back until it cannot, so the
+    deltas join to the non-streamed text cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, gap: tuple[int, int], mask_id: int | None, stops: list[str]):
+        self.tokenizer, self.gap, self.mask_id, self.stops = tokenizer, gap, mask_id, stops
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._revealed = 0  # gap tokens fed to the decoder
+        self.text = ""  # the gap's text decoded so far
+        self.sent = 0  # characters of `text` sent
+        self.finish_reason: str | None = None  # set once the choice is over
+
+    def update(self, row: list[int], final: bool = False) -> str:
+        """The next delta ("" when nothing new is safe to send) for the canvas `row`."""
+        if self.finish_reason is not None:
+            return ""
+        start, end = self.gap
+        position = start + self._revealed
+        while position < end and row[position] != self.mask_id:
+            position += 1
+        new = row[start + self._revealed:position]
+        self._revealed += len(new)
+        final = final or self._revealed == end - start
+        self.text += self._decoder.decode(token_bytes(self.tokenizer, new), final=final)
+        cut = first_stop(self.text, self.stops)
+        if final:
+            limit = len(self.text) if cut is None else cut
+            self.finish_reason = "length" if cut is None else "stop"
+        else:
+            hold = self._held_back()
+            limit = hold if cut is None or cut > hold else cut
+            if cut is not None and cut <= hold:
+                self.finish_reason = "stop"
+        delta, self.sent = self.text[self.sent:limit], max(self.sent, limit)
+        return delta
+
+    def _held_back(self) -> int:
+        """The earliest index from which the text is a proper prefix of a stop string (it may complete)."""
+        longest = max((len(stop) for stop in self.stops), default=0)
+        for i in range(max(0, len(self.text) - longest + 1), len(self.text)):
+            tail = self.text[i:]
+            if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
+                return i
+        return len(self.text)

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(1024, ge=1, description="most denoising steps one request may ask for")
     max_samples: int | None = Field(None, ge=1, description="most samples one request may ask for; unset = "
                                     "16 or max_rows if smaller; may not exceed max_rows")
+    max_score_samples: int = Field(1024, ge=1, description="most Monte-Carlo samples one POST /v1/score request "
+                                   "may ask for")
     api_key: SecretStr | None = Field(None, description="bearer token for generation, /v1/model and /metrics")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS; empty = no CORS headers")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import HTTPException, Request, status
 
 from sedd_core.engine import (
+    ChunkedWork,
     EngineClosed,
     EngineOutput,
     ErrorOutput,
@@ -19,6 +20,7 @@ from sedd_core.engine import (
     QueueFull,
     StepOutput,
     Submission,
+    WorkSubmission,
 )
 from sedd_core.sampling import Job
 
@@ -30,8 +32,17 @@ STEP_BACKLOG = 16  # step records a streaming reader may fall behind before it g
 
 
 def submit(state: ServerState, job: Job, stream_every: int) -> Submission:
+    return _submitted(lambda: state.engine.submit(job, stream_every=stream_every), state)
+
+
+def submit_work(state: ServerState, work: ChunkedWork, chunk_rows: int) -> WorkSubmission:
+    """A work item (scoring) for the engine's device thread, refused as a job would be."""
+    return _submitted(lambda: state.engine.submit_work(work, chunk_rows), state)
+
+
+def _submitted(enqueue, state: ServerState):
     try:
-        return state.engine.submit(job, stream_every=stream_every)
+        return enqueue()
     except QueueFull as exc:
         state.metrics.rejected()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"the server is busy: {exc}",
@@ -105,3 +116,32 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def results(running: list, request: Request) -> list[EngineOutput] | None:
+    """The final records of several submissions of one request (generation or scoring), in order; None
+    when the client left first (all are then cancelled). The first failed one raises its HTTP error."""
+
+    async def final(submission) -> EngineOutput:
+        while True:
+            records = [r for r in await submission.next_outputs() if not isinstance(r, StepOutput)]
+            if records:
+                return records[0]
+
+    waiting = asyncio.ensure_future(asyncio.gather(*(final(s) for s in running)))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            return None
+        records = waiting.result()
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+        for submission in running:
+            if not submission.finished:
+                submission.cancel()
+    for record in records:
+        if isinstance(record, ErrorOutput):
+            raise error_status(record)
+    return records

@@ -16,6 +16,11 @@ shapes belong to the caller, off the device thread): a `StepOutput` every
 `stream_every` steps, then one `FinalOutput` or `ErrorOutput`. A failure in a pass
 fails only the requests of that pass; a CUDA out-of-memory error is retried
 request by request before anything fails.
+
+Device work other than sampling (likelihood scoring) comes as a `ChunkedWork` item
+(`submit_work`): after each round of passes the worker computes one bounded chunk of
+the oldest item, so sampling keeps flowing, and sends one `WorkOutput` when it is done.
+Work items share the queue limit.
 """
 from __future__ import annotations
 
@@ -86,7 +91,27 @@ class ErrorOutput:
     outcome: Outcome
 
 
-EngineOutput = StepOutput | FinalOutput | ErrorOutput
+@dataclass(frozen=True)
+class WorkOutput:
+    """A finished work item (e.g. scoring): its results are read off the device thread."""
+
+    request_id: int
+    work: ChunkedWork
+    timing: Timing
+
+
+EngineOutput = StepOutput | FinalOutput | ErrorOutput | WorkOutput
+
+
+class ChunkedWork(Protocol):
+    """Device work other than sampling, done a bounded chunk at a time between denoising steps
+    (`sedd_core.evaluate.TextScores` is one)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def step(self, model, graph, noise, max_rows: int) -> int:
+        """Compute the next chunk of at most `max_rows` rows; returns how many."""
 
 
 class EngineObserver(Protocol):
@@ -111,7 +136,7 @@ class Submission:
     finished: bool = False
 
     def cancel(self) -> None:
-        """Leave the batch before the next step (safe from any thread)."""
+        """Leave the batch (or the work queue) before the next step (safe from any thread)."""
         self.cancelled = True
 
     async def next_outputs(self) -> list[EngineOutput]:
@@ -120,6 +145,15 @@ class Submission:
         while not self.outputs.empty():
             records.append(self.outputs.get_nowait())
         return records
+
+
+@dataclass(eq=False)
+class WorkSubmission(Submission):
+    """A work item in the engine: `chunk_rows` rows of it run after each round of denoising passes; one
+    `WorkOutput` or `ErrorOutput` arrives on `outputs`."""
+
+    work: ChunkedWork | None = None
+    chunk_rows: int = 1
 
 
 class Engine:
@@ -132,6 +166,7 @@ class Engine:
         self.fault_injector: Callable[[Sequence[Job]], None] | None = None  # tests raise from here
         self._waiting: deque[Submission] = deque()
         self._running: list[Submission] = []
+        self._work: deque[WorkSubmission] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._closing = False
@@ -145,7 +180,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests not yet running: sampling waiting for rows, and work items (the one in progress too)."""
+        return len(self._waiting) + len(self._work)
 
     @property
     def running_rows(self) -> int:
@@ -169,19 +205,36 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (the limit); retry shortly")
+            self._check_queue()
             submission = Submission(job=job, stream_every=max(1, stream_every), loop=loop, id=next(self._ids))
             self._waiting.append(submission)
             self._cond.notify()
         return submission
+
+    def submit_work(self, work: ChunkedWork, chunk_rows: int) -> WorkSubmission:
+        """Queue a work item; it runs on the worker thread `chunk_rows` rows at a time, one chunk after each
+        round of denoising passes (so sampling keeps flowing), oldest item first. It shares the queue limit."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the server is shutting down and accepts no new requests")
+            self._check_queue()
+            submission = WorkSubmission(job=None, stream_every=1, loop=loop, id=next(self._ids), work=work,
+                                        chunk_rows=max(1, int(chunk_rows)))
+            self._work.append(submission)
+            self._cond.notify()
+        return submission
+
+    def _check_queue(self) -> None:
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(f"{self.queue_depth} requests are waiting (the limit); retry shortly")
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting; let running and waiting requests finish for up to `timeout` s, then fail the rest."""
         with self._cond:
             self._closing = True
         deadline = time.monotonic() + timeout
-        while (self._waiting or self._running) and time.monotonic() < deadline:
+        while (self._waiting or self._running or self._work) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.stop()
 
@@ -192,17 +245,18 @@ class Engine:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        for submission in list(self._waiting) + self._running:
+        for submission in list(self._waiting) + self._running + list(self._work):
             self._fail(submission, "the server shut down before this request finished", "shutdown")
         self._waiting.clear()
         self._running.clear()
+        self._work.clear()
 
     # ---- worker thread ------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stopped and not self._waiting and not self._running:
+                while not self._stopped and not self._waiting and not self._running and not self._work:
                     self._cond.wait()
                 if self._stopped:
                     return
@@ -210,6 +264,8 @@ class Engine:
                 self._admit()
             if self._running:
                 self._step()
+            if self._work:
+                self._work_chunk()
 
     def _retire_cancelled(self) -> None:
         for submission in [r for r in self._running if r.cancelled]:
@@ -217,6 +273,9 @@ class Engine:
             self._fail(submission, "the request was cancelled", "cancelled")
         for submission in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(submission)
+            self._fail(submission, "the request was cancelled", "cancelled")
+        for submission in [r for r in self._work if r.cancelled]:
+            self._work.remove(submission)
             self._fail(submission, "the request was cancelled", "cancelled")
 
     def _admit(self) -> None:
@@ -267,6 +326,31 @@ class Engine:
         if self.observer is not None:
             self.observer.on_pass(sum(j.rows for j in jobs), time.perf_counter() - start, positions)
 
+    def _work_chunk(self) -> None:
+        """One chunk of the oldest work item; it leaves the queue when done or failed."""
+        submission = self._work[0]
+        if submission.started is None:
+            submission.started = time.perf_counter()
+        try:
+            submission.work.step(self.lm.runner, self.lm.graph, self.lm.noise, submission.chunk_rows)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self._work.popleft()
+            self._fail(submission, "out of GPU memory for this request; ask for fewer samples or shorter texts", "error")
+            return
+        except Exception as exc:  # contained: only this item fails
+            log.exception("work item failed")
+            self._work.popleft()
+            self._fail(submission, f"the request failed: {exc.__class__.__name__}: {exc}", "error")
+            return
+        if submission.work.done:
+            self._work.popleft()
+            now = time.perf_counter()
+            timing = Timing(queued_s=submission.started - submission.submitted, run_s=now - submission.started,
+                            total_s=now - submission.submitted)
+            self._send(submission, WorkOutput(submission.id, submission.work, timing))
+            self._end(submission, "ok")
+
     # ---- records ------------------------------------------------------------------------
     def _send(self, submission: Submission, record: EngineOutput) -> None:
         try:
@@ -297,6 +381,9 @@ class Engine:
         if self.observer is not None:
             seconds = time.perf_counter() - submission.submitted
             job = submission.job
+            if job is None:  # a work item: no samples, no generated tokens
+                self.observer.on_request_end(outcome, 0, 0, seconds)
+                return
             fixed = int(job.fixed.sum()) if job.fixed is not None else 0
             self.observer.on_request_end(outcome, job.rows, job.rows * (job.length - fixed), seconds)
 

@@ -1,8 +1,8 @@
 """Contract fuzzing: schemathesis generates requests from the running server's OpenAPI schema.
 
 Every operation gets generated requests through hypothesis: schema-valid ones for all of them, and for
-the two generation endpoints also schema-invalid bodies (negative mode), which must be refused with a
-documented 4xx. No answer may be a 5xx except the documented 503, and every answer must match the
+the POST endpoints (/sample, /infill, /v1/completions, /v1/score) also schema-invalid bodies (negative
+mode), which must be refused with a documented 4xx. No answer may be a 5xx except the documented 503, and every answer must match the
 schema: status code documented, content type declared, headers and bodies conforming, every SSE event
 of a stream conforming to the event schema (`step`, `done`, `error` with their data's schemas). With an
 API key set, schemathesis also checks that missing and wrong credentials get 401. The server runs with
@@ -38,6 +38,12 @@ PLAN = [
     ("POST /rewrite", GenerationMode.POSITIVE, 60),
     ("POST /rewrite", GenerationMode.NEGATIVE, 50),
     ("GET /v1/model", GenerationMode.POSITIVE, 15),
+    ("POST /v1/completions", GenerationMode.POSITIVE, 50),
+    ("POST /v1/completions", GenerationMode.NEGATIVE, 40),
+    ("GET /v1/models", GenerationMode.POSITIVE, 5),
+    ("GET /v1/models/{model}", GenerationMode.POSITIVE, 10),
+    ("POST /v1/score", GenerationMode.POSITIVE, 30),
+    ("POST /v1/score", GenerationMode.NEGATIVE, 30),
     ("GET /metrics", GenerationMode.POSITIVE, 15),
     ("GET /health", GenerationMode.POSITIVE, 15),
 ]
@@ -54,7 +60,7 @@ def spans_inside_the_text(case):
 
 @pytest.fixture(scope="module")
 def fuzzed_server(start_server, tiny_five):
-    with start_server(tiny_five, max_steps=8, max_samples=2, max_rows=8, max_queue=64,
+    with start_server(tiny_five, max_steps=8, max_samples=2, max_rows=8, max_queue=64, max_score_samples=16,
                         api_key=API_KEY) as url:
         yield url
 

@@ -1,0 +1,280 @@
+"""OpenAI-compatible endpoints: POST /v1/completions (with `suffix`, streamed or not) and GET /v1/models.
+
+One job per prompt, each of `n` rows, all submitted to the engine together: the engine runs the rows of
+every running request of one canvas length in one pass, so the prompts of a request share passes (and
+share them with /sample and /infill traffic). Text comes from the output layer (app/outputs.py). Errors
+on /v1/* have OpenAI's shape (app/main.py); this module raises `OpenAIError` for what only it knows.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from sedd_core.engine import ErrorOutput, FinalOutput, StepOutput
+from sedd_core.generation import GenerationError, check_encodable, make_job, new_seed
+from sedd_core.sampling import Job
+from sedd_core.tokenizers import MASK_PLACEHOLDER
+
+from .. import submissions
+from ..auth import require_api_key
+from ..limits import check_limits
+from ..openai_schemas import (
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    Usage,
+    error_body,
+    refused_parameter,
+)
+from ..outputs import GapStream, RequestOutput, cut_at_stop
+from ..schemas import MAX_SEED, RETRY_AFTER, WWW_AUTHENTICATE, default_steps
+from ..state import ReadyState, ServerState
+
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+
+STARTED = int(time.time())
+STREAM_GRACE_MARGIN_S = 5
+CLIENT_CLOSED_REQUEST = 499
+DONE = "[DONE]"
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "invalid input or a refused OpenAI parameter; `error.param` names the field",
+        401: "missing or wrong API key (when the server has one)",
+        404: "no model of that name is served here (GET /v1/models)",
+        413: "request body over SEDD_MAX_BODY_BYTES (FastAPI's {\"detail\"} shape: refused before routing)",
+        500: "the generation failed (a fault in its model pass); other requests are not affected",
+        503: "model loading, queue full or shutting down",
+    }
+    answers: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        answers[status] = {"model": ErrorBody, "description": described[status]}
+        if status == 401:
+            answers[status]["headers"] = WWW_AUTHENTICATE
+        if status == 503:
+            answers[status]["headers"] = RETRY_AFTER
+    answers[413]["model"] = None
+    answers[413]["content"] = {"application/json": {"schema": {
+        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
+    return answers
+
+
+STREAM_DOC = {
+    "description": "JSON answer, or with `stream: true` Server-Sent Events: `data: {chunk}` lines (chunk: a "
+                   "Completion whose choices carry the new text, `usage` only in the last chunk with "
+                   "`stream_options.include_usage`), then `data: [DONE]`; a failure mid-stream sends "
+                   "`data: {\"error\": {...}}` and ends.",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"anyOf": [
+            {"const": DONE},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": "#/components/schemas/Completion"}}]}}}}},
+}
+
+
+def check_model(name: str, state: ServerState) -> None:
+    if name not in (state.lm.name, state.lm.source):
+        raise OpenAIError(404, f"the model {name!r} is not served here; this server serves {state.lm.name!r} "
+                               "(GET /v1/models)", param="model", code="model_not_found")
+
+
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 413, 503),
+            summary="The served model, in OpenAI's list shape")
+async def list_models(state: ReadyState) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.lm.name, created=STARTED)])
+
+
+@router.get("/v1/models/{model}", response_model=ModelCard, responses=error_responses(401, 404, 413, 503),
+            summary="One served model, in OpenAI's shape")
+async def retrieve_model(model: str, state: ReadyState) -> ModelCard:
+    check_model(model, state)
+    return ModelCard(id=state.lm.name, created=STARTED)
+
+
+@router.post("/v1/completions", response_model=Completion,
+             responses={200: STREAM_DOC, **error_responses(400, 401, 404, 413, 500, 503)},
+             summary="OpenAI-compatible completions; `suffix` makes it an infill")
+async def completions(body: CompletionRequest, request: Request, state: ReadyState):
+    """The text between `prompt` and `suffix`, `max_tokens` long (default: the rest of the model's canvas),
+    `n` times per prompt. Diffusion settings as extra fields: `steps`, `predictor`, `denoising`."""
+    lm, settings = state.lm, state.settings
+    check_model(body.model, state)
+    if (refused := refused_parameter(body)) is not None:
+        raise refused
+    prompts = body.prompts
+    steps = body.steps if body.steps is not None else default_steps(settings.max_steps)
+    check_limits(settings, steps=steps, num_samples=1)
+    if body.n * len(prompts) > settings.max_samples:
+        raise OpenAIError(400, f"n x prompts = {body.n} x {len(prompts)} = {body.n * len(prompts)} completions; "
+                               f"this server makes at most {settings.max_samples} per request (SEDD_MAX_SAMPLES): "
+                               "lower n or send fewer prompts", param="n")
+    seed = body.seed if body.seed is not None else new_seed()
+    jobs = [_job(state, body, prompt, steps, (seed + i) % (MAX_SEED + 1)) for i, prompt in enumerate(prompts)]
+    suffix_tokens = len(lm.tokenizer.encode(body.suffix or ""))
+    prompt_tokens = sum(len(lm.tokenizer.encode(p)) + suffix_tokens for p in prompts)
+    completion_tokens = sum(job.rows * _gap_length(job) for job in jobs)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                  total_tokens=prompt_tokens + completion_tokens)
+
+    # Deltas need step records only under the absorbing graph (a uniform-graph model streams its final text).
+    wants_steps = body.stream and (body.denoising or lm.graph.absorb)
+    running = []
+    try:
+        for job in jobs:
+            running.append(submissions.submit(state, job, 1 if wants_steps else job.steps + 1))
+    except BaseException:
+        for submission in running:
+            submission.cancel()
+        raise
+    reply = Reply(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=lm.name)
+    headers = {"X-Request-ID": reply.id}
+    outputs = [RequestOutput(lm, job) for job in jobs]
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _stream(running, outputs, body, reply, usage if include_usage else None, state)
+        return EventSourceResponse(events, headers=headers, ping=settings.stream_heartbeat_s,
+                                   shutdown_grace_period=settings.drain_timeout_s + STREAM_GRACE_MARGIN_S)
+    finals = await submissions.results(running, request)
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    choices = []
+    for i, (output, final) in enumerate(zip(outputs, finals)):
+        for j, decoded in enumerate(output.decode(final.tokens)):
+            text, finish = cut_at_stop(decoded.generated, body.stops)
+            choices.append(CompletionChoice(text=text, index=i * body.n + j, finish_reason=finish))
+    answer = reply.completion(choices, usage)
+    return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, seed: int) -> Job:
+    """`prompt`, a gap of max_tokens (or the rest of the canvas) and the suffix, as one job of n rows."""
+    lm, suffix = state.lm, body.suffix or ""
+    try:
+        check_encodable(lm, prompt=prompt, suffix=suffix)
+    except GenerationError as exc:
+        raise OpenAIError(400, str(exc), param="prompt" if lm.tokenizer.unknown_characters(prompt) else "suffix") from None
+    kept = len(lm.tokenizer.encode(prompt)) + len(lm.tokenizer.encode(suffix))
+    gap = body.max_tokens if body.max_tokens is not None else lm.length - kept
+    if kept + gap > lm.length or gap < 1:
+        asked = f"max_tokens {body.max_tokens}" if body.max_tokens is not None else "at least 1 generated token"
+        raise OpenAIError(400, f"prompt and suffix take {kept} tokens and {asked} makes {kept + max(gap, 1)}, more "
+                               f"than the model's length of {lm.length} tokens: shorten the prompt or suffix"
+                               + (" or lower max_tokens" if body.max_tokens is not None else ""),
+                          param="max_tokens" if body.max_tokens is not None else "prompt")
+    try:
+        return make_job(lm, num_samples=body.n, steps=steps, predictor=body.predictor, seed=seed,
+                        segments=[prompt, gap, suffix])
+    except GenerationError as exc:
+        raise OpenAIError(400, str(exc), param="prompt") from None
+
+
+def _gap_length(job: Job) -> int:
+    return sum(end - start for start, end in job.gaps)
+
+
+class Reply:
+    """What every chunk and the answer of one request share."""
+
+    def __init__(self, id: str, created: int, model: str):
+        self.id, self.created, self.model = id, created, model
+
+    def completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> ServerSentEvent:
+        # as OpenAI: `finish_reason` and `logprobs` null until set, `usage` only in the last chunk
+        return ServerSentEvent(self.completion(choices, usage).model_dump_json(exclude={"usage"} if usage is None
+                                                                               else None))
+
+
+async def _merged(running: list) -> AsyncIterator[tuple[int, Any]]:
+    """(index of the submission, record) of several submissions as they arrive; leaving cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, submission) -> None:
+        async for record in submissions.follow(submission):
+            await queue.put((i, record))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(running)]
+    try:
+        left = len(running)
+        while left:
+            i, record = await queue.get()
+            yield i, record
+            if not isinstance(record, StepOutput):
+                left -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        for submission in running:
+            if not submission.finished:
+                submission.cancel()
+
+
+async def _stream(running: list, outputs: list[RequestOutput], body: CompletionRequest, reply: Reply,
+                  usage: Usage | None, state: ServerState) -> AsyncIterator[ServerSentEvent]:
+    lm, n = state.lm, body.n
+    gaps = [[GapStream(lm.tokenizer, job_gap(output), lm.mask_id, body.stops) for _ in range(n)]
+            for output in outputs]
+    async with aclosing(_merged(running)) as records:  # a client that leaves cancels every submission now
+        async for i, record in records:
+            if isinstance(record, ErrorOutput):
+                status = submissions.error_status(record).status_code
+                yield ServerSentEvent(json.dumps(error_body(status, record.message, code=record.outcome)))
+                return
+            if (chunk := _chunk(i, record, outputs, gaps, body, reply, lm)) is not None:
+                yield chunk
+    if usage is not None:
+        yield reply.chunk([], usage)
+    yield ServerSentEvent(DONE)
+
+
+def _chunk(i: int, record: StepOutput | FinalOutput, outputs: list[RequestOutput], gaps: list[list[GapStream]],
+           body: CompletionRequest, reply: Reply, lm) -> ServerSentEvent | None:
+    """The chunk for a record of prompt i's submission: whole canvases, or the choices with news."""
+    n = body.n
+    rows = record.tokens.tolist()
+    final = isinstance(record, FinalOutput)
+    choices = []
+    if body.denoising:
+        texts = (_final_canvases(outputs[i], record, body.stops) if final else
+                 [(lm.tokenizer.decode(row, lm.mask_id, MASK_PLACEHOLDER), None) for row in rows])
+        choices = [CompletionChoice(text=text, index=i * n + j, finish_reason=finish)
+                   for j, (text, finish) in enumerate(texts)]
+    else:
+        for j, (row, gap) in enumerate(zip(rows, gaps[i])):
+            was_open = gap.finish_reason is None
+            delta = gap.update(row, final=final)
+            if delta or (was_open and gap.finish_reason is not None):
+                choices.append(CompletionChoice(text=delta, index=i * n + j, finish_reason=gap.finish_reason))
+    return reply.chunk(choices) if choices else None
+
+
+def job_gap(output: RequestOutput) -> tuple[int, int]:
+    """The one generated run of a completion's canvas."""
+    start, end, _ = next(run for run in output.layout.runs() if not run[2])
+    return start, end
+
+
+def _final_canvases(output: RequestOutput, record: FinalOutput, stops: list[str]) -> list[tuple[str, str]]:
+    """The whole finished canvas per row, its generated part cut at the first stop string."""
+    canvases = []
+    for decoded in output.decode(record.tokens):
+        (start, end), = decoded.spans
+        text, finish = cut_at_stop(decoded.text[start:end], stops)
+        canvases.append((decoded.text[:start] + text + decoded.text[end:], finish))
+    return canvases

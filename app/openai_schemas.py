@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .schemas import MAX_SEED
+from .schemas import MAX_SEED, integral_number
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -126,12 +126,7 @@ class CompletionRequest(BaseModel):
                 raise ValueError("a stop string may not be empty")
         return value
 
-    @field_validator("max_tokens", "n", "seed", "steps", "best_of", mode="before")
-    @classmethod
-    def _integral_numbers(cls, value):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
+    _integral_numbers = field_validator("max_tokens", "n", "seed", "steps", "best_of", mode="before")(integral_number)
 
     @property
     def prompts(self) -> list[str]:
@@ -221,12 +216,7 @@ class ScoreRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="the same seed, text and samples give the "
                       "same estimate")
 
-    @field_validator("samples", "seed", mode="before")
-    @classmethod
-    def _integral_numbers(cls, value):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
+    _integral_numbers = field_validator("samples", "seed", mode="before")(integral_number)
 
     @property
     def texts(self) -> list[str]:

@@ -24,7 +24,7 @@ def default_steps(max_steps: int) -> int:
     return min(DEFAULT_STEPS, max_steps)
 
 
-def _integral(value):
+def integral_number(value):
     """JSON Schema's `integer` includes 2.0: a number with no fractional part is that integer. Strings,
     booleans and 2.5 are still refused (the fields are strict)."""
     if isinstance(value, float) and value.is_integer():
@@ -52,7 +52,7 @@ class GenerationOptions(BaseModel):
     pieces: bool = Field(False, strict=True, description="when streaming, add one display string per position to each "
                                             "sample of a `step` event")
 
-    _integral_numbers = field_validator("num_samples", "steps", "seed", "stream_every", mode="before")(_integral)
+    _integral_numbers = field_validator("num_samples", "steps", "seed", "stream_every", mode="before")(integral_number)
 
 
 class SampleRequest(GenerationOptions):
@@ -64,14 +64,14 @@ class SampleRequest(GenerationOptions):
     length: int | None = Field(None, ge=1, strict=True, description="tokens per sample; null = the model's length "
                                                        "(its maximum)", examples=[None])
 
-    _integral_length = field_validator("length", mode="before")(_integral)
+    _integral_length = field_validator("length", mode="before")(integral_number)
 
 
 # A segment is kept text or a gap of that many tokens. Only the shape is checked here; the rules a list
 # of segments must follow (at least one gap, gaps >= 1, at most MAX_SEGMENTS, the model's length and
 # vocabulary) are the library's (sedd_core.canvas), whose messages name the segment. The schema states them.
 def _segment(value):
-    value = _integral(value)
+    value = integral_number(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise PydanticCustomError("segment_type", "a segment is a string (text kept exactly) or a whole number (a gap "
                                   "of that many tokens), got {value}", {"value": json.dumps(value, default=repr)[:40]})
@@ -86,7 +86,7 @@ CANVAS_FIELDS = ("prefix", "suffix", "length")
 
 
 def _integral_items(value):
-    return [_integral(item) for item in value] if isinstance(value, list) else value
+    return [integral_number(item) for item in value] if isinstance(value, list) else value
 
 
 def _integral_pairs(value):

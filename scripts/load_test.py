@@ -241,7 +241,7 @@ def event_loop_figures(timelines: list[Timeline], client_lags: list[float]) -> d
 
 
 def spread(values: list[float]) -> dict:
-    """n, p50, p95, p99 and max, rounded to the millisecond."""
+    """n, min, p25, p50, p95, p99 and max, rounded to the millisecond."""
     if not values:
         return {"n": 0}
     ordered = sorted(values)
@@ -249,7 +249,7 @@ def spread(values: list[float]) -> dict:
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
-    return {"n": len(values), "p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3)}
+    return {"n": len(values), "min": round(ordered[0], 3), "p25": at(0.25), "p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3)}
 
 
 def summarize(clients, duration, steps, elapsed, outcomes, latencies, seeded, rss) -> dict:

@@ -93,8 +93,9 @@ async def run_in_daemon_thread(fn: Callable[[], Any]) -> Any:
 def torch_threads(settings: Settings) -> int | None:
     """Intra-op threads for torch: the setting, else on CPU every core this process may run on.
 
-    docs/benchmarks.md ("CPU, round two") measures the event loop under 64 streaming clients with every
-    core in torch's pool against one core left free."""
+    With every core in torch's pool the event loop still keeps its heartbeats within 53 ms under 64 streaming
+    clients, and what stalled passes (other processes preempting a spinning OpenMP team) is handled by
+    OMP_WAIT_POLICY=PASSIVE (app/__init__.py): docs/benchmarks.md, "CPU, round two"."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     if resolve_device(settings.device).type != "cpu":

@@ -41,8 +41,9 @@ system-tools:
 	  fi; \
 	fi
 
+# OMP_WAIT_POLICY: see docs/benchmarks.md, "CPU, round two".
 serve: $(VENV)/.runtime
-	$(BIN)/sedd serve --host $(HOST) --port $(PORT)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/sedd serve --host $(HOST) --port $(PORT)
 
 sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate

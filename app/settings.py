@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=256, description="largest request body accepted (413 above)")
     stream_heartbeat_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
     drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, seconds to let running requests finish")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU one "
-                                      "fewer than the cores (one is left to the HTTP event loop), on CUDA torch's own")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU every core "
+                                      "the process may use (its CPU affinity), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
     compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
                                 "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")

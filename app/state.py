@@ -91,16 +91,23 @@ async def run_in_daemon_thread(fn: Callable[[], Any]) -> Any:
 
 
 def torch_threads(settings: Settings) -> int | None:
-    """Intra-op threads for torch: the setting, else on CPU one core fewer than the machine has.
+    """Intra-op threads for torch: the setting, else on CPU every core this process may run on.
 
-    The engine thread and the event loop share the cores; with every core in torch's pool the
-    pool's threads wait on each other whenever the event loop runs (a 2-core host measured 2-3 ms
-    per tiny-model pass with one thread and 70-150 ms with two under load)."""
+    With every core in torch's pool the event loop still keeps its heartbeats within 53 ms under 64 streaming
+    clients, and what stalled passes (other processes preempting a spinning OpenMP team) is handled by
+    OMP_WAIT_POLICY=PASSIVE (app/__init__.py): docs/benchmarks.md, "CPU, round two"."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     if resolve_device(settings.device).type != "cpu":
         return None
-    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1)
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _load_and_warm(settings: Settings) -> LoadedModel:

@@ -10,12 +10,22 @@ Each client loops: one request (POST /sample, or /infill with --prefix/--suffix)
 `done` event and times the first event; `json` mode waits for the JSON answer. Per concurrency level
 it prints requests/s, samples/s, p50/p95 latency, p50 time to first event, rows per model pass (from
 /metrics, when readable) and samples/s relative to one client.
+
+With --matmul-rate it also times this machine's float32 matmul rate in this process, before the first
+level and after the last (20 back-to-back 1024 x 1024 products timed together: their average, not a best
+sample), and reports each level's end-to-end rate as a fraction of it. The level's FLOPs are those of the
+full network at every position (as `sedd bench` counts the naive loop: benchmarks.measure.FlopCount,
+trunk plus output layer) per predictor step, times steps, times samples finished; the final denoise
+pass is not counted. --model names the server's model for that count (default: the bundled one).
+
+    python scripts/bench_server.py http://127.0.0.1:8000 --mode json --concurrency 8 --steps 64 --matmul-rate
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,6 +45,7 @@ class Level:
     first_events: list[float] = field(default_factory=list)
     rows_per_pass: float | None = None
     error_messages: list[str] = field(default_factory=list)
+    flops: float = 0.0  # full-network FLOPs of the finished samples (--matmul-rate)
 
     @property
     def requests_per_s(self) -> float:
@@ -51,8 +62,12 @@ class Level:
             "samples_per_s": round(self.samples_per_s, 3),
             "latency_p50_s": _round(percentile(self.latencies, 50)),
             "latency_p95_s": _round(percentile(self.latencies, 95)),
+            "latency_min_s": _round(min(self.latencies, default=None)),
+            "latency_max_s": _round(max(self.latencies, default=None)),
+            "latencies_s": [round(v, 4) for v in self.latencies],
             "first_event_p50_s": _round(percentile(self.first_events, 50)),
             "rows_per_pass": _round(self.rows_per_pass, 2),
+            "gflops": round(self.flops / self.seconds / 1e9, 2) if self.flops and self.seconds else None,
             "speedup": round(self.samples_per_s / base_samples_per_s, 2) if base_samples_per_s else None,
             "error_messages": self.error_messages[:5],
         }
@@ -111,6 +126,8 @@ async def one_request(client: httpx.AsyncClient, args, level: Level) -> None:
         level.first_events.append(first_event)
     level.requests += 1
     level.samples += len(answer["samples"])
+    if args.flops_per_sample_step:
+        level.flops += len(answer["samples"]) * args.steps * args.flops_per_sample_step
 
 
 async def client_loop(client: httpx.AsyncClient, args, level: Level, deadline: float | None) -> None:
@@ -162,18 +179,48 @@ async def warm_up(args) -> None:
         await run_level(warm, 1)
 
 
+def matmul_rate(size: int = 1024, count: int = 20) -> float:
+    """GFLOP/s of `count` back-to-back `size` x `size` float32 matmuls timed together (after one untimed)."""
+    import torch
+
+    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    torch.matmul(a, b, out=out)
+    start = time.perf_counter()
+    for _ in range(count):
+        torch.matmul(a, b, out=out)
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_sample_step(model: str, length: int | None) -> tuple[float, int]:
+    """Full-network FLOPs of one row at one step (trunk at every position plus the output layer at every
+    position), and the length counted."""
+    from benchmarks.measure import FlopCount
+    from sedd_core import load
+
+    lm = load(model, device="cpu")
+    length = length or lm.length
+    count = FlopCount.of(lm.config)
+    return count.trunk(1, length) + count.output(length), length
+
+
 def print_table(rows: list[dict], args) -> None:
     print(f"# {args.url}  mode={args.mode} steps={args.steps} length={args.length or 'model'} "
           f"num_samples={args.num_samples} stream_every={args.stream_every if args.mode == 'stream' else '-'}")
     header = ("clients", "req/s", "samples/s", "p50 s", "p95 s", "first event p50 s", "rows/pass", "vs 1 client",
-              "errors")
+              "errors") + (("GFLOP/s", "of matmul rate") if args.matmul_rate else ())
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" for _ in header) + "|")
     for row in rows:
         cells = [row["concurrency"], f"{row['requests_per_s']:.2f}", f"{row['samples_per_s']:.2f}",
                  _fmt(row["latency_p50_s"]), _fmt(row["latency_p95_s"]), _fmt(row["first_event_p50_s"]),
                  _fmt(row["rows_per_pass"], 1), f"{row['speedup']:.2f}x" if row["speedup"] else "-", row["errors"]]
+        if args.matmul_rate:
+            cells += [_fmt(row["gflops"], 1), f"{row['matmul_fraction']:.0%}" if row["matmul_fraction"] else "-"]
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    if args.matmul_rate:
+        print(f"matmul rate (20 x 1024^3 float32, GFLOP/s): before {args.matmul_before:.1f}, after "
+              f"{args.matmul_after:.1f}; fractions use their mean. Load average before {args.load_before}, "
+              f"after {args.load_after}")
     for row in rows:
         for message in row["error_messages"]:
             print(f"  {row['concurrency']} clients: {message}", file=sys.stderr)
@@ -200,12 +247,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="requests before the first level (default 2)")
     p.add_argument("--api-key", default=None, help="bearer token, if the server has SEDD_API_KEY")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as failed")
+    p.add_argument("--matmul-rate", "--flops", action="store_true",
+                   help="time the float32 matmul rate here before and after the load and report each level's "
+                        "full-network FLOP/s as a fraction of it")
+    p.add_argument("--model", default="default", help="with --matmul-rate: the server's model, for the FLOP count")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
 
 
 async def main_async(args) -> list[dict]:
     await warm_up(args)
+    args.load_before = os.getloadavg()
+    if args.matmul_rate:
+        args.matmul_before = matmul_rate()
     rows, base = [], None
     for concurrency in [int(c) for c in args.concurrency.split(",") if c.strip()]:
         level = await run_level(args, concurrency)
@@ -214,16 +268,31 @@ async def main_async(args) -> list[dict]:
         rows.append(level.summary(base))
         if not args.json:
             print(f"  {concurrency:>3} clients: {level.samples_per_s:.2f} samples/s", file=sys.stderr)
+    if args.matmul_rate:
+        args.matmul_after = matmul_rate()
+        rate = (args.matmul_before + args.matmul_after) / 2
+        for row in rows:
+            row["matmul_fraction"] = round(row["gflops"] / rate, 3) if row["gflops"] else None
+    args.load_after = os.getloadavg()
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.flops_per_sample_step = None
+    if args.matmul_rate:
+        args.flops_per_sample_step, counted_length = flops_per_sample_step(args.model, args.length)
     rows = asyncio.run(main_async(args))
     if args.json:
-        print(json.dumps({"url": args.url, "mode": args.mode, "steps": args.steps, "length": args.length,
-                          "num_samples": args.num_samples, "stream_every": args.stream_every,
-                          "levels": rows}, indent=2))
+        report = {"url": args.url, "mode": args.mode, "steps": args.steps, "length": args.length,
+                  "num_samples": args.num_samples, "stream_every": args.stream_every,
+                  "load_average": {"before": args.load_before, "after": args.load_after}, "levels": rows}
+        if args.matmul_rate:
+            report["matmul_rate"] = {"size": 1024, "count": 20, "before_gflops": round(args.matmul_before, 2),
+                                     "after_gflops": round(args.matmul_after, 2),
+                                     "flops_per_sample_step": args.flops_per_sample_step,
+                                     "length_counted": counted_length}
+        print(json.dumps(report, indent=2))
     else:
         print_table(rows, args)
     return 0 if all(row["errors"] == 0 for row in rows) else 1

@@ -17,6 +17,18 @@ Guarantees, each a reason to exit 1:
 
 Prints the figures (requests, errors, 503s, latency p50/p95, samples/s, memory) and, with --json, one
 JSON object. Only loopback addresses are targeted.
+
+It also reports how the server's event loop keeps up (`--threads` and `--heartbeat` set the started server's
+SEDD_TORCH_THREADS and SEDD_STREAM_HEARTBEAT_S, to compare thread counts under the same load):
+
+* time to the response headers and to the first event of every stream;
+* heartbeat regularity: the gaps between consecutive `: ping` comments of a stream, both as the server stamped
+  them (sse-starlette writes its clock into each ping when its timer fires, so a gap above the heartbeat is
+  the server's event loop running late) and as they arrived here;
+* each stream's longest silence (no event, no ping);
+* this client's own event-loop lag (a 50 ms timer's lateness), to tell a late server from a late client.
+
+    python scripts/load_test.py --clients 64 --duration 45 --steps 32 --stream-every 1 --heartbeat 1 --threads 2
 """
 from __future__ import annotations
 
@@ -30,10 +42,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
-from httpx_sse import aconnect_sse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEEDED = {"num_samples": 1, "steps": 16, "seed": 1234}
@@ -87,27 +100,64 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
             proc.wait(timeout=10)
 
 
-async def stream_once(client: httpx.AsyncClient, body: dict) -> tuple[str, float, dict | None]:
-    """('done' | 'error' | 'rejected' | 'incomplete' | 'http <status>' | 'transport', seconds, done data)."""
+@dataclass
+class Timeline:
+    """When one stream's parts arrived (seconds after its request was sent), and the server's ping stamps."""
+
+    headers_s: float | None = None
+    first_event_s: float | None = None
+    arrivals: list[float] = field(default_factory=list)  # every event and ping
+    ping_arrivals: list[float] = field(default_factory=list)
+    ping_stamps: list[float] = field(default_factory=list)  # server clock (POSIX seconds) in each ping
+
+
+async def stream_once(client: httpx.AsyncClient, body: dict,
+                      timeline: Timeline | None = None) -> tuple[str, float, dict | None]:
+    """('done' | 'error' | 'rejected' | 'incomplete' | 'http <status>' | 'transport', seconds, done data).
+
+    Reads the raw lines (an SSE client library drops the `: ping` comments) and notes their times in
+    `timeline`."""
+    timeline = timeline if timeline is not None else Timeline()
     start = time.perf_counter()
     try:
-        async with aconnect_sse(client, "POST", "/sample", json={**body, "stream": True}) as source:
-            status = source.response.status_code
-            if status != 200:
-                await source.response.aread()
+        async with client.stream("POST", "/sample", json={**body, "stream": True}) as response:
+            timeline.headers_s = time.perf_counter() - start
+            if response.status_code != 200:
+                await response.aread()
+                status = response.status_code
                 return ("rejected" if status == 503 else f"http {status}"), time.perf_counter() - start, None
-            async for event in source.aiter_sse():
-                if event.event == "done":
-                    return "done", time.perf_counter() - start, event.json()
-                if event.event == "error":
-                    return "error", time.perf_counter() - start, None
+            event = None
+            async for line in response.aiter_lines():
+                now = time.perf_counter() - start
+                if line.startswith(":"):
+                    timeline.arrivals.append(now)
+                    if "ping - " in line:
+                        timeline.ping_arrivals.append(now)
+                        timeline.ping_stamps.append(datetime.fromisoformat(line.split("ping - ", 1)[1]).timestamp())
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                    timeline.arrivals.append(now)
+                    if timeline.first_event_s is None:
+                        timeline.first_event_s = now
+                elif line.startswith("data:") and event in ("done", "error"):
+                    if event == "error":
+                        return "error", now, None
+                    return "done", now, json.loads(line[5:])
     except httpx.TransportError:
         return "transport", time.perf_counter() - start, None
     return "incomplete", time.perf_counter() - start, None
 
 
+async def loop_lag(stop_at: float, lags: list[float], period: float = 0.05) -> None:
+    """This process's own event-loop lateness: how late a `period` timer fires, again and again."""
+    while time.monotonic() < stop_at:
+        start = time.perf_counter()
+        await asyncio.sleep(period)
+        lags.append(time.perf_counter() - start - period)
+
+
 async def run_load(url: str, clients: int, duration: float, steps: int, pid: int | None,
-                   grace: float = 300.0) -> dict:
+                   grace: float = 300.0, stream_every: int | None = None) -> dict:
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(grace), limits=limits) as client:
         first = await client.post("/sample", json=SEEDED)
@@ -115,18 +165,22 @@ async def run_load(url: str, clients: int, duration: float, steps: int, pid: int
         alone = first.json()["samples"][0]["text"]
         outcomes: dict[str, int] = {}
         latencies: list[float] = []
+        timelines: list[Timeline] = []
+        client_lags: list[float] = []
         seeded: list[bool] = []
         rss: list[tuple[float, int]] = []
         start = time.monotonic()
         stop_at = start + duration
-        body = {"num_samples": 1, "steps": steps, "stream_every": max(1, steps // 8)}
+        body = {"num_samples": 1, "steps": steps, "stream_every": stream_every or max(1, steps // 8)}
 
         async def client_loop():
             while time.monotonic() < stop_at:
-                outcome, seconds, _ = await stream_once(client, body)
+                timeline = Timeline()
+                outcome, seconds, _ = await stream_once(client, body, timeline)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if outcome == "done":
                     latencies.append(seconds)
+                    timelines.append(timeline)
                 elif outcome == "rejected":
                     await asyncio.sleep(0.5)
 
@@ -157,13 +211,45 @@ async def run_load(url: str, clients: int, duration: float, steps: int, pid: int
                 await asyncio.sleep(1.0)
 
         tasks = [asyncio.ensure_future(coro) for coro in
-                 [*(client_loop() for _ in range(clients)), seeded_loop(False), seeded_loop(True), memory_loop()]]
+                 [*(client_loop() for _ in range(clients)), seeded_loop(False), seeded_loop(True), memory_loop(),
+                  loop_lag(stop_at, client_lags)]]
         _, late = await asyncio.wait(tasks, timeout=duration + grace)
         for task in late:  # a stream still running `grace` seconds after the end: a failure, not a hang
             task.cancel()
         outcomes["unfinished"] = len(late)
         elapsed = time.monotonic() - start
-    return summarize(clients, duration, steps, elapsed, outcomes, latencies, seeded, rss)
+    result = summarize(clients, duration, steps, elapsed, outcomes, latencies, seeded, rss)
+    result["stream_every"] = body["stream_every"]
+    result["event_loop"] = event_loop_figures(timelines, client_lags)
+    return result
+
+
+def event_loop_figures(timelines: list[Timeline], client_lags: list[float]) -> dict:
+    """Quantiles (seconds) of what the finished streams show of the server's event loop; see the module doc."""
+    stamped = [b - a for t in timelines for a, b in zip(t.ping_stamps, t.ping_stamps[1:])]
+    arrived = [b - a for t in timelines for a, b in zip(t.ping_arrivals, t.ping_arrivals[1:])]
+    silences = [max(b - a for a, b in zip([0.0, *t.arrivals], t.arrivals)) for t in timelines if t.arrivals]
+    return {
+        "streams": len(timelines),
+        "headers_s": spread([t.headers_s for t in timelines if t.headers_s is not None]),
+        "first_event_s": spread([t.first_event_s for t in timelines if t.first_event_s is not None]),
+        "ping_gap_server_s": spread(stamped),
+        "ping_gap_client_s": spread(arrived),
+        "longest_silence_s": spread(silences),
+        "client_loop_lag_s": spread(client_lags),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """n, min, p25, p50, p95, p99 and max, rounded to the millisecond."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"n": len(values), "min": round(ordered[0], 3), "p25": at(0.25), "p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3)}
 
 
 def summarize(clients, duration, steps, elapsed, outcomes, latencies, seeded, rss) -> dict:
@@ -214,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds during which streams start")
     parser.add_argument("--grace", type=float, default=300.0, help="seconds streams may take to end afterwards")
     parser.add_argument("--steps", type=int, default=32, help="denoising steps of each stream")
+    parser.add_argument("--stream-every", type=int, default=None, help="a step event every N steps (default steps/8)")
     parser.add_argument("--max-rows", type=int, default=32, help="SEDD_MAX_ROWS of the server this script starts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="SEDD_TORCH_THREADS of the server this script starts (default: the server's own)")
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="SEDD_STREAM_HEARTBEAT_S of the server this script starts (default 15)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1024 or not 0 < args.duration <= 3600:
@@ -225,21 +316,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("the load test only targets loopback addresses")
         url, pid = args.url, args.pid
     else:
-        proc, url = start_server(args.model, {"SEDD_MAX_ROWS": str(args.max_rows),
-                                              "SEDD_MAX_QUEUE": str(args.clients + 4)})
+        env = {"SEDD_MAX_ROWS": str(args.max_rows), "SEDD_MAX_QUEUE": str(args.clients + 4)}
+        if args.threads is not None:
+            env["SEDD_TORCH_THREADS"] = str(args.threads)
+        if args.heartbeat is not None:
+            env["SEDD_STREAM_HEARTBEAT_S"] = str(args.heartbeat)
+        proc, url = start_server(args.model, env)
         pid = proc.pid
+    load_before = os.getloadavg()
     try:
-        result = asyncio.run(run_load(url, args.clients, args.duration, args.steps, pid, args.grace))
+        result = asyncio.run(run_load(url, args.clients, args.duration, args.steps, pid, args.grace,
+                                      args.stream_every))
     finally:
         if proc is not None:
             stop_server(proc)
+    result["torch_threads"] = args.threads if proc is not None else None
+    result["heartbeat_s"] = args.heartbeat if proc is not None else None
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     problems = failures(result)
     if args.json:
         print(json.dumps({**result, "failures": problems}))
     else:
         for key, value in result.items():
-            if key != "rss_mb":
+            if key not in ("rss_mb", "event_loop"):
                 print(f"{key:>24}: {value}")
+        for key, value in result["event_loop"].items():
+            print(f"{key:>24}: {value}")
         print(f"{'rss_mb (every s)':>24}: {result['rss_mb']}")
         print("OK" if not problems else "FAILED: " + "; ".join(problems))
     return 1 if problems else 0

@@ -366,3 +366,16 @@ def test_a_model_that_does_not_load_ends_the_server(tmp_path, spawn_server):
         log = server.log(limit=20_000)
     assert returncode != 0, log
     assert "could not be loaded" in log and "no-such-model" in log, log
+
+
+def test_torch_threads_default_to_every_core_the_process_may_use(monkeypatch):
+    """On a CPU the server gives torch every core of its affinity (a container's cpuset narrows it), unless
+    SEDD_TORCH_THREADS says otherwise; on CUDA it leaves torch's own choice."""
+    from app.settings import Settings
+    from app.state import torch_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert torch_threads(Settings(device="cpu")) == 3
+    assert torch_threads(Settings(device="cpu", torch_threads=1)) == 1
+    monkeypatch.setattr("app.state.resolve_device", lambda device: __import__("torch").device("cuda"))
+    assert torch_threads(Settings(device="cuda")) is None

@@ -2,7 +2,7 @@
 """Ray Serve with 1, then 2 (or --replicas) replicas on a local Ray instance: samples/s and latency at 1-16
 clients, measured with scripts/bench_server.py through Ray's HTTP proxy. Needs 'sedd-serve[ray]'.
 
-    python scripts/bench_scale_out.py --model ../shared/reference/tiny-five --mode json --steps 64 --duration 8
+    python scripts/bench_scale_out.py --model tests/data/reference/tiny-five --mode json --steps 64 --duration 8
 
 Each replica gets SEDD_TORCH_THREADS=--torch-threads (default 1) and an equal share of the CPUs Ray is given
 (--num-cpus, default: this machine's). Prints one table per replica count and, with --json, the rows as JSON.

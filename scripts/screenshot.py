@@ -3,7 +3,7 @@
 template run whose selected span is being rewritten.
 
     .venv/bin/python scripts/screenshot.py                                # the default model
-    .venv/bin/python scripts/screenshot.py --model ../shared/reference/tiny-five
+    .venv/bin/python scripts/screenshot.py --model tests/data/reference/tiny-five
     .venv/bin/python scripts/screenshot.py --url http://127.0.0.1:8000    # a server already running
     .venv/bin/python scripts/screenshot.py --shots rewrite                # only the rewrite picture
 

@@ -78,28 +78,8 @@ async def follow(submission: Submission) -> AsyncIterator[EngineOutput]:
 async def result(submission: Submission, request: Request) -> FinalOutput | None:
     """The final record; None when the client left first (the submission is then cancelled). A failed
     submission raises the HTTP error that says why."""
-
-    async def final() -> EngineOutput:
-        while True:
-            records = [r for r in await submission.next_outputs() if not isinstance(r, StepOutput)]
-            if records:
-                return records[0]
-
-    waiting = asyncio.ensure_future(final())
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiting.done():
-            return None
-        record = waiting.result()
-    finally:
-        for task in (waiting, gone):
-            task.cancel()
-        if not submission.finished:
-            submission.cancel()
-    if isinstance(record, FinalOutput):
-        return record
-    raise error_status(record)
+    records = await results([submission], request)
+    return None if records is None else records[0]
 
 
 def error_status(record: ErrorOutput) -> HTTPException:
@@ -122,7 +102,7 @@ async def results(running: list, request: Request) -> list[EngineOutput] | None:
     """The final records of several submissions of one request (generation or scoring), in order; None
     when the client left first (all are then cancelled). The first failed one raises its HTTP error."""
 
-    async def final(submission) -> EngineOutput:
+    async def final(submission: Submission | WorkSubmission) -> EngineOutput:
         while True:
             records = [r for r in await submission.next_outputs() if not isinstance(r, StepOutput)]
             if records:

@@ -93,15 +93,19 @@ class ModelSection(Section):
     name: str = "sedd-char"
 
 
+def _one_of(choices: tuple[str, ...]):
+    """A validator that accepts only `choices`, naming them when it refuses."""
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
 class GraphSection(Section):
     type: str = "absorb"
 
-    @field_validator("type")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in GRAPH_TYPES:
-            raise ValueError(f"must be one of {', '.join(GRAPH_TYPES)}, got {value!r}")
-        return value
+    _known = field_validator("type")(_one_of(GRAPH_TYPES))
 
 
 class NoiseSection(Section):
@@ -109,12 +113,7 @@ class NoiseSection(Section):
     sigma_min: Float = 1e-4
     sigma_max: Float = 20.0
 
-    @field_validator("type")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in NOISE_TYPES:
-            raise ValueError(f"must be one of {', '.join(NOISE_TYPES)}, got {value!r}")
-        return value
+    _known = field_validator("type")(_one_of(NOISE_TYPES))
 
 
 class TrainingSection(Section):

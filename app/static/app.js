@@ -587,37 +587,22 @@
       return json;
     }
 
+    /** A streamed request's JSON: `fields`, the form's predictor, and the named integers from the form. */
+    function streamedJson(fields, integers) {
+      const body = { ...fields, predictor: el.predictor.value, stream: true, stream_every: 1, pieces: true };
+      for (const name of integers) body[name] = null; // withIntegers writes the typed digits in
+      return withIntegers(body, integers);
+    }
+
     function buildBody() {
       if (el.mode.value === "template") {
-        const body = {
-          segments: parseTemplate(el.template.value),
-          num_samples: null,
-          steps: null,
-          predictor: el.predictor.value,
-          seed: null,
-          stream: true,
-          stream_every: 1,
-          pieces: true,
-        };
-        return { json: withIntegers(body, ["num_samples", "steps", "seed"]), path: "infill", prefix: "", suffix: "" };
+        const json = streamedJson({ segments: parseTemplate(el.template.value) }, ["num_samples", "steps", "seed"]);
+        return { json, path: "infill", prefix: "", suffix: "" };
       }
       const infill = el.mode.value === "infill";
-      const body = {
-        num_samples: null,
-        steps: null,
-        length: null,
-        predictor: el.predictor.value,
-        seed: null,
-        stream: true,
-        stream_every: 1,
-        pieces: true,
-      };
-      if (infill) {
-        body.prefix = el.prefix.value;
-        body.suffix = el.suffix.value;
-      }
-      const json = withIntegers(body, ["num_samples", "steps", "length", "seed"]);
-      return { json, path: infill ? "infill" : "sample", prefix: body.prefix || "", suffix: body.suffix || "" };
+      const prompt = infill ? { prefix: el.prefix.value, suffix: el.suffix.value } : {};
+      const json = streamedJson(prompt, ["num_samples", "steps", "length", "seed"]);
+      return { json, path: infill ? "infill" : "sample", prefix: prompt.prefix || "", suffix: prompt.suffix || "" };
     }
 
     /* ---- rewriting a selected span -------------------------------------------------- */
@@ -650,18 +635,8 @@
 
     function buildRewrite() {
       const { target, start, end } = selected;
-      const body = {
-        text: run.panels[target].final,
-        spans: [[start, end]],
-        num_samples: 1,
-        steps: null,
-        predictor: el.predictor.value,
-        seed: null,
-        stream: true,
-        stream_every: 1,
-        pieces: true,
-      };
-      return { json: withIntegers(body, ["steps", "seed"]), path: "rewrite", target, prefix: "", suffix: "" };
+      const fields = { text: run.panels[target].final, spans: [[start, end]], num_samples: 1 };
+      return { json: streamedJson(fields, ["steps", "seed"]), path: "rewrite", target, prefix: "", suffix: "" };
     }
 
     function rewrite() {

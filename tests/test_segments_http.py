@@ -149,13 +149,18 @@ BAD_SEGMENTS = [
 @pytest.mark.parametrize(("segments", "words"), BAD_SEGMENTS, ids=[str(i) for i in range(len(BAD_SEGMENTS))])
 @pytest.mark.anyio
 async def test_bad_segments_are_a_422_that_names_the_segment_and_reach_no_engine(quiet_client, segments, words):
-    before = requests_seen(metric_values((await quiet_client.get("/metrics")).text))
-    response = await quiet_client.post("/infill", json={"segments": segments, "steps": 4})
+    await assert_refused_before_the_engine(quiet_client, "/infill", {"segments": segments, "steps": 4}, words)
+
+
+async def assert_refused_before_the_engine(client, path: str, body: dict, words: list[str]) -> None:
+    """A 422 whose detail holds every one of `words`, and no request counted by the engine's metrics."""
+    before = requests_seen(metric_values((await client.get("/metrics")).text))
+    response = await client.post(path, json=body)
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     for word in words:
         assert word in detail, (word, detail)
-    assert requests_seen(metric_values((await quiet_client.get("/metrics")).text)) == before
+    assert requests_seen(metric_values((await client.get("/metrics")).text)) == before
 
 
 # ---- /rewrite (in-process) ----------------------------------------------------------------------------
@@ -198,13 +203,7 @@ REWRITE_ERRORS = [
 @pytest.mark.parametrize(("body", "words"), REWRITE_ERRORS, ids=[str(i) for i in range(len(REWRITE_ERRORS))])
 @pytest.mark.anyio
 async def test_rewrite_errors_name_the_span(quiet_client, body, words):
-    before = requests_seen(metric_values((await quiet_client.get("/metrics")).text))
-    response = await quiet_client.post("/rewrite", json={**body, "steps": 4})
-    assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    for word in words:
-        assert word in detail, (word, detail)
-    assert requests_seen(metric_values((await quiet_client.get("/metrics")).text)) == before
+    await assert_refused_before_the_engine(quiet_client, "/rewrite", {**body, "steps": 4}, words)
 
 
 @pytest.mark.anyio

@@ -202,32 +202,27 @@ class Engine:
         if job.rows > self.max_rows:
             raise ValueError(f"a request may have at most {self.max_rows} samples (rows per pass); got {job.rows}")
         loop = asyncio.get_running_loop()
-        with self._cond:
-            if self._closing:
-                raise EngineClosed("the server is shutting down and accepts no new requests")
-            self._check_queue()
-            submission = Submission(job=job, stream_every=max(1, stream_every), loop=loop, id=next(self._ids))
-            self._waiting.append(submission)
-            self._cond.notify()
-        return submission
+        return self._enqueue(self._waiting, lambda: Submission(job=job, stream_every=max(1, stream_every), loop=loop,
+                                                               id=next(self._ids)))
 
     def submit_work(self, work: ChunkedWork, chunk_rows: int) -> WorkSubmission:
         """Queue a work item; it runs on the worker thread `chunk_rows` rows at a time, one chunk after each
         round of denoising passes (so sampling keeps flowing), oldest item first. It shares the queue limit."""
         loop = asyncio.get_running_loop()
+        return self._enqueue(self._work, lambda: WorkSubmission(job=None, stream_every=1, loop=loop, id=next(self._ids),
+                                                                work=work, chunk_rows=max(1, int(chunk_rows))))
+
+    def _enqueue(self, queue: deque, make: Callable[[], Submission]) -> Submission:
+        """Refused while shutting down or at the queue limit; else the new submission joins `queue`."""
         with self._cond:
             if self._closing:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
-            self._check_queue()
-            submission = WorkSubmission(job=None, stream_every=1, loop=loop, id=next(self._ids), work=work,
-                                        chunk_rows=max(1, int(chunk_rows)))
-            self._work.append(submission)
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"{self.queue_depth} requests are waiting (the limit); retry shortly")
+            submission = make()
+            queue.append(submission)
             self._cond.notify()
         return submission
-
-    def _check_queue(self) -> None:
-        if self.queue_depth >= self.max_queue:
-            raise QueueFull(f"{self.queue_depth} requests are waiting (the limit); retry shortly")
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting; let running and waiting requests finish for up to `timeout` s, then fail the rest."""
@@ -268,15 +263,10 @@ class Engine:
                 self._work_chunk()
 
     def _retire_cancelled(self) -> None:
-        for submission in [r for r in self._running if r.cancelled]:
-            self._running.remove(submission)
-            self._fail(submission, "the request was cancelled", "cancelled")
-        for submission in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(submission)
-            self._fail(submission, "the request was cancelled", "cancelled")
-        for submission in [r for r in self._work if r.cancelled]:
-            self._work.remove(submission)
-            self._fail(submission, "the request was cancelled", "cancelled")
+        for queue in (self._running, self._waiting, self._work):
+            for submission in [r for r in queue if r.cancelled]:
+                queue.remove(submission)
+                self._fail(submission, "the request was cancelled", "cancelled")
 
     def _admit(self) -> None:
         rows = self.running_rows

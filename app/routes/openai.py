@@ -124,8 +124,7 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
                                "lower n or send fewer prompts", param="n")
     seed = body.seed if body.seed is not None else new_seed()
     jobs = [_job(state, body, prompt, steps, (seed + i) % (MAX_SEED + 1)) for i, prompt in enumerate(prompts)]
-    suffix_tokens = len(lm.tokenizer.encode(body.suffix or ""))
-    prompt_tokens = sum(len(lm.tokenizer.encode(p)) + suffix_tokens for p in prompts)
+    prompt_tokens = sum(job.length - _gap_length(job) for job in jobs)  # the kept prompt and suffix tokens
     completion_tokens = sum(job.rows * _gap_length(job) for job in jobs)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                   total_tokens=prompt_tokens + completion_tokens)
@@ -265,9 +264,9 @@ def _chunk(i: int, record: StepOutput | FinalOutput, outputs: list[RequestOutput
 
 
 def job_gap(output: RequestOutput) -> tuple[int, int]:
-    """The one generated run of a completion's canvas."""
-    start, end, _ = next(run for run in output.layout.runs() if not run[2])
-    return start, end
+    """The one generated run of a completion's canvas ([prompt, gap, suffix])."""
+    (gap,) = output.gaps
+    return gap
 
 
 def _final_canvases(output: RequestOutput, record: FinalOutput, stops: list[str]) -> list[tuple[str, str]]:

@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sedd_core.fast_model import compile_mode
+
 DEFAULT_MAX_SAMPLES = 16
 
 
@@ -60,13 +62,7 @@ class Settings(BaseSettings):
             return None
         return str(value).strip()
 
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _compile_mode(cls, value):  # FastSEDD's compile argument: None, "freeze" or a torch.compile mode
-        text = "" if value is None else str(value).strip().lower()
-        if text in ("", "0", "false", "no"):
-            return None
-        return "freeze" if text in ("1", "true", "yes") else text
+    _compile_mode = field_validator("compile", mode="before")(compile_mode)
 
     @field_validator("torch_threads", mode="before")
     @classmethod

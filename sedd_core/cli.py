@@ -13,6 +13,7 @@ import time
 
 from tqdm import tqdm
 
+from .fast_model import compile_mode
 from .sampling import PREDICTORS
 
 
@@ -39,7 +40,7 @@ def _model_source(args) -> str:
 
 
 def _switch(value: str | None) -> bool | str:
-    """SEDD_COMPILE and SEDD_ALLOW_PICKLE: 1/true/yes on, unset/0/false/no off, any other text as given."""
+    """SEDD_ALLOW_PICKLE: 1/true/yes on, unset/0/false/no off, any other text as given."""
     lowered = (value or "").strip().lower()
     if lowered in ("", "0", "false", "no", "off"):
         return False
@@ -52,14 +53,7 @@ def load_options() -> dict:
     env = os.environ
     return {"allow_pickle": _switch(env.get("SEDD_ALLOW_PICKLE")) is True, "cache_dir": env.get("SEDD_CACHE") or None,
             "gpt2_vocab": env.get("SEDD_GPT2_VOCAB") or None, "oxen_host": env.get("SEDD_OXEN_HOST") or None,
-            "compile": _compile_mode(_switch(env.get("SEDD_COMPILE")))}
-
-
-def _compile_mode(switch: bool | str) -> str | None:
-    """FastSEDD's compile argument from the switch: on = "freeze" (Inductor, weights frozen in)."""
-    if switch is False:
-        return None
-    return "freeze" if switch is True else switch
+            "compile": compile_mode(env.get("SEDD_COMPILE"))}
 
 
 def load_model(args):

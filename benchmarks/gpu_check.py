@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-steps", type=int, default=None,
                    help="time this many naive steps and scale (default: the whole run)")
     p.add_argument("--reference", default=None, help="folder of the reference vectors "
-                   "(default: tests/data/reference, else ../shared/reference beside the repository)")
+                   "(default: the repository's tests/data/reference)")
     p.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph configurations")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; eager with --smoke, see compile_backend)")
@@ -515,12 +515,7 @@ def _main(args, argv, backend: str) -> int:
     ends = sorted({rows_list[0], rows_list[-1]})
     a10_rows = 2 if smoke else 16
     budget = args.budget_s if args.budget_s is not None else (120 if smoke else 420)
-    if args.reference:
-        reference = Path(args.reference)
-    else:
-        reference = next((d for d in (REPO_ROOT / "tests" / "data" / "reference",
-                                      REPO_ROOT.parent / "shared" / "reference") if d.is_dir()),
-                         REPO_ROOT / "tests" / "data" / "reference")
+    reference = Path(args.reference) if args.reference else REPO_ROOT / "tests" / "data" / "reference"
     sections = Sections(budget, Path(args.out))
     sections.report.update(argv=sys.argv[1:] if argv is None else argv, smoke=smoke, device=str(device),
                            dtype=str(dtype).removeprefix("torch."), preset=preset, steps=steps,

@@ -92,10 +92,8 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
     x = lm.graph.sample_limit(num_samples, layout.length, device=lm.device, generator=generator)
     fixed = torch.tensor(layout.fixed, dtype=torch.bool, device=lm.device)
     fixed_tokens = torch.tensor(layout.tokens, dtype=torch.long, device=lm.device)
-    job = Job(x=x, steps=steps, predictor=predictor, generator=generator,
-              fixed=fixed if any(layout.fixed) else None, fixed_tokens=fixed_tokens, gaps=layout.gaps)
-    job.project()
-    return job
+    return Job(x=x, steps=steps, predictor=predictor, generator=generator,
+               fixed=fixed if any(layout.fixed) else None, fixed_tokens=fixed_tokens, gaps=layout.gaps)
 
 
 def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:

@@ -67,6 +67,7 @@ class Job:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         self.grid = time_grid(self.steps).tolist()
+        self.project()
 
     @property
     def rows(self) -> int:
@@ -88,7 +89,7 @@ class Job:
         return DENOISE, self.grid[-1], 0.0
 
     def project(self) -> None:
-        """Write the fixed positions back into x (before every step and the final denoise)."""
+        """Write the fixed positions back into x (at creation and after every step, so x always holds them)."""
         if self.fixed is not None:
             self.x = torch.where(self.fixed, self.fixed_tokens, self.x)
 
@@ -162,25 +163,23 @@ def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Ge
     return out.log_()
 
 
-def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor, resampled_fixed: bool) -> None:
-    """Hand each job its rows of the step's result. `resampled_fixed`: the step drew every position (the
-    uniform graph), so fixed text is written back at once (the step events show it, the final answer keeps it)."""
+def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
+    """Hand each job its rows of the step's result, fixed text written back (the uniform graph draws every
+    position, so without it step records and the final answer could show kept text changed)."""
     start = 0
     for job in jobs:
         job.x = x[start : start + job.rows]
         job.masks_left = masks_left[start : start + job.rows]
         job.step_index += 1
-        if resampled_fixed:
-            job.project()
+        job.project()
         start += job.rows
 
 
 def _batch(noise: Noise, jobs: Sequence[Job]) -> tuple[torch.Tensor, ...]:
-    """The jobs' rows, projected and stacked, with their per-row coefficients: (x, kind, t, dt, sigma, rate)."""
+    """The jobs' rows (which hold their fixed text), stacked, with their per-row coefficients:
+    (x, kind, t, dt, sigma, rate)."""
     if len({job.length for job in jobs}) != 1:
         raise ValueError("jobs in one pass must share a length; group them first")
-    for job in jobs:
-        job.project()
     x = torch.cat([job.x for job in jobs])
     return (x, *_row_coefficients(noise, jobs, x.device))
 
@@ -201,7 +200,7 @@ def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job], fused
     else:
         x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
         masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # no mask state
-    _advance(jobs, x, masks_left, resampled_fixed=not graph.absorb)
+    _advance(jobs, x, masks_left)
     return work
 
 

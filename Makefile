@@ -41,9 +41,9 @@ system-tools:
 	  fi; \
 	fi
 
-# OMP_WAIT_POLICY: see docs/benchmarks.md, "CPU, round two".
+# `sedd serve` sets OMP_WAIT_POLICY=PASSIVE itself unless it is set (docs/benchmarks.md, "CPU, round two").
 serve: $(VENV)/.runtime
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/sedd serve --host $(HOST) --port $(PORT)
+	$(BIN)/sedd serve --host $(HOST) --port $(PORT)
 
 sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate
@@ -55,7 +55,7 @@ test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -ra -m "not slow and not browser"
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check sedd_core app tests
+	$(BIN)/ruff check sedd_core sedd_cli app benchmarks tests
 
 bench: $(VENV)/.runtime
 	$(BIN)/sedd bench

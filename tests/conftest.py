@@ -138,6 +138,21 @@ def write_tiny_gpt2_model():
     return _write_tiny_gpt2_model
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.fixture(scope="session")
+def pickled_model(tiny_five: Path, tmp_path_factory) -> Path:
+    """tiny-five whose checkpoint.pth needs full unpickling (weights_only=True refuses it)."""
+    folder = tmp_path_factory.mktemp("pickled")
+    (folder / "config.yaml").write_text((tiny_five / "config.yaml").read_text())
+    weights = torch.load(tiny_five / "checkpoint.pth", weights_only=True)
+    torch.save({"model": weights, "extra": _RunsCodeWhenUnpickled()}, folder / "checkpoint.pth")
+    return folder
+
+
 # ---- the real server --------------------------------------------------------------------------------
 class ServerFailed(RuntimeError):
     """The server exited or did not become ready; the message holds the end of its log."""
@@ -210,7 +225,7 @@ def _spawn_server(model: str | Path, wait: bool = True, graceful_s: float = 5, s
         for attempt in range(3):  # another process may take the port between _free_port() and bind
             port = _free_port()
             if launcher == "sedd serve":
-                cmd = [sys.executable, "-m", "sedd_core.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+                cmd = [sys.executable, "-m", "sedd_cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                        "--port", str(port), "--graceful-timeout", str(graceful_s)]
             else:
                 cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",

@@ -26,7 +26,7 @@ def short12():
 
 
 def test_cli_prints_a_json_report_with_the_documented_fields():
-    out = subprocess.run([sys.executable, "-m", "sedd_core.cli", "bench", "--preset", "short12", "--steps", "4",
+    out = subprocess.run([sys.executable, "-m", "sedd_cli", "bench", "--preset", "short12", "--steps", "4",
                           "--rows", "1,2", "--repeats", "1", "--json"],
                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
@@ -53,7 +53,7 @@ def test_cli_prints_a_json_report_with_the_documented_fields():
 
 
 def test_table_output_names_every_section(capsys):
-    from sedd_core.cli import main
+    from sedd_cli.main import main
 
     assert main(["bench", "--preset", "short12", "--steps", "2", "--rows", "1", "--repeats", "1",
                  "--tokens", "24", "--baselines", "authors", "--quiet"]) == 0

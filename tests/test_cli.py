@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-SEDD = [sys.executable, "-m", "sedd_core.cli"]
+import pytest
+
+SEDD = [sys.executable, "-m", "sedd_cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -45,3 +48,94 @@ def test_info_json(tiny_five):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["tokenizer"] == "char" and info["length"] == 12 and info["parameters"] == 805091
+
+
+# ---- the command line as a front end: no torch before a command runs, one reading of SEDD_* ------------
+def python(code: str, env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], env=env)
+
+
+def test_help_lists_every_command_without_importing_torch():
+    out = python("import sys\nfrom sedd_cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+                 "    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    assert out.returncode == 0, out.stderr
+    for command in ("sample", "infill", "info", "score", "eval", "serve", "train", "data", "bench"):
+        assert command in out.stdout
+    assert "torch imported: False" in out.stdout
+
+
+def test_written_out_choices_match_the_library():
+    from benchmarks.presets import PRESETS
+    from sedd_cli import bench, generate
+    from sedd_core.sampling import PREDICTORS
+
+    assert generate.PREDICTORS == PREDICTORS
+    assert bench.PRESET_NAMES == tuple(PRESETS)
+
+
+def test_serve_sets_a_passive_wait_policy_before_torch_loads(tiny_five):
+    """`sedd serve` itself (not only `make serve`) makes idle OpenMP threads sleep unless the user chose: the
+    variable is in place when torch is first imported, which is when libgomp reads it."""
+    code = """import os, sys
+seen = {}
+class WatchTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "policy" not in seen:
+            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+sys.meta_path.insert(0, WatchTorch())
+import uvicorn
+uvicorn.run = lambda app, **kw: None
+from sedd_cli.main import main
+main(["serve", "--model", sys.argv[1]])
+print("policy when torch loaded:", seen.get("policy"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = python(code, env, str(tiny_five))
+    assert out.returncode == 0, out.stderr
+    assert "policy when torch loaded: PASSIVE" in out.stdout
+    out = python(code, env | {"OMP_WAIT_POLICY": "ACTIVE"}, str(tiny_five))
+    assert "policy when torch loaded: ACTIVE" in out.stdout
+
+
+@pytest.mark.parametrize("value", ["y", "1", "true", "yes"])
+def test_allow_pickle_means_the_same_to_the_command_line_and_the_server(value, pickled_model, monkeypatch, capsys):
+    from app.settings import Settings
+    from app.state import _load_and_warm
+    from sedd_cli.main import main
+
+    monkeypatch.setenv("SEDD_ALLOW_PICKLE", value)
+    assert main(["info", "--model", str(pickled_model), "--json"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["length"] == 12  # after the checkpoint's own "unpickled" line
+    lm = _load_and_warm(Settings(model=str(pickled_model), device="cpu", warmup=False))
+    assert lm.length == 12
+
+
+def test_a_pickled_checkpoint_is_refused_by_both_without_the_switch(pickled_model, monkeypatch, capsys):
+    from app.settings import Settings
+    from app.state import _load_and_warm
+    from sedd_cli.main import main
+    from sedd_core.loading import CheckpointError
+
+    monkeypatch.setenv("SEDD_ALLOW_PICKLE", "no")
+    assert main(["info", "--model", str(pickled_model)]) == 2
+    assert "SEDD_ALLOW_PICKLE=1" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="SEDD_ALLOW_PICKLE=1"):
+        _load_and_warm(Settings(model=str(pickled_model), device="cpu", warmup=False))
+
+
+def test_invalid_settings_exit_2_naming_the_variable(tiny_five, monkeypatch, capsys):
+    from sedd_cli.main import main
+
+    monkeypatch.setenv("SEDD_ALLOW_PICKLE", "perhaps")
+    assert main(["info", "--model", str(tiny_five)]) == 2
+    assert "allow_pickle" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_named_with_its_extra(monkeypatch):
+    from sedd_cli.errors import MissingDependency, require
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(MissingDependency, match=r"a Hugging Face dataset needs .*pip install 'sedd-serve\[data\]'"):
+        require("datasets", "a Hugging Face dataset")

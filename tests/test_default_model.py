@@ -24,7 +24,7 @@ def test_default_model_loads_offline_and_samples_vocabulary_characters(monkeypat
 
 def test_sedd_sample_with_no_arguments_prints_text(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SEDD_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-m", "sedd_core.cli", "sample", "--steps", "8"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "sedd_cli", "sample", "--steps", "8"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     body = out.stdout.split("\n", 1)[1]

@@ -122,22 +122,23 @@ def expected_texts(model_dir: Path, bodies: list[dict]) -> list[list[str]]:
 
 # ---- the CLI ----------------------------------------------------------------------------------------
 def test_replicas_without_ray_is_refused():
-    from sedd_core.cli import main
+    from sedd_cli.main import main
 
     assert main(["serve", "--replicas", "2"]) == 2
 
 
 def test_ray_flag_without_the_extra_names_it(monkeypatch, capsys):
-    from sedd_core import cli
+    from sedd_cli.main import main
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("ray") else real(name, *a))
-    assert cli.main(["serve", "--ray", "--replicas", "2"]) == 2
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert main(["serve", "--ray", "--replicas", "2"]) == 2
     assert "pip install 'sedd-serve[ray]'" in capsys.readouterr().err
 
 
-def test_the_library_does_not_import_ray_or_the_app():
-    code = "import sys, sedd_core.cli; sedd_core.cli.build_parser(); print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'app'}))"
+def test_the_command_line_imports_ray_only_to_serve_with_it():
+    code = ("import sys, sedd_cli.main; sedd_cli.main.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'sedd_core'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -320,7 +321,7 @@ def test_sedd_serve_ray_starts_replicas_and_stops_ray_on_sigterm(tiny_five, tmp_
     port = free_port()
     env = {**os.environ, "SEDD_TORCH_THREADS": "1", "SEDD_LOG_LEVEL": "warning", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "serve.log", "w+b")
-    proc = subprocess.Popen([sys.executable, "-m", "sedd_core.cli", "serve", "--ray", "--replicas", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "sedd_cli", "serve", "--ray", "--replicas", "1",
                              "--model", str(tiny_five), "--device", "cpu", "--host", "127.0.0.1", "--port",
                              str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -274,7 +274,7 @@ def test_rewrite_run_changes_only_the_span(tiny_lm):
 
 # ---- the command line --------------------------------------------------------------------------------------
 def sedd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sedd_core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sedd_cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import sedd_core
-from sedd_core.cli import main
+from sedd_cli.main import main
 from sedd_core.tokenizers import DEFAULT_CHARS
 from sedd_core.training import TrainConfig, load_train_config, train
 from sedd_core.training import trainer as trainer_mod
@@ -237,6 +237,35 @@ def test_cli_trains_resumes_and_applies_overrides(corpus, tmp_path, capsys):
     assert "training.bogus" in capsys.readouterr().err
     assert main(["train", "--config", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "default, tiny" in capsys.readouterr().err
+
+
+def test_gpt2_run_trains_offline_with_the_vocabulary_setting_and_then_serves(tmp_path, monkeypatch, gpt2_vocab,
+                                                                               capsys):
+    """SEDD_GPT2_VOCAB reaches the trainer (as it reaches the server), and the run folder keeps a copy of
+    the vocabulary, so the trained model loads and serves with no download and no variable."""
+    import tiktoken
+
+    from app.settings import Settings
+    from app.state import _load_and_warm
+
+    def no_network(name):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    run = tmp_path / "gpt2-run"
+    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(gpt2_vocab))
+    rc = main(["train", "--config", "tiny", "--data", str(text), "--out", str(run), "--no-progress", "--device", "cpu",
+               "--set", "tokenizer=gpt2", "--set", "training.n_iters=2", "--set", "training.eval_every=2",
+               "--set", "training.snapshot_every=2", "--set", "training.checkpoint_every=2"])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "gpt2.tiktoken").read_bytes() == gpt2_vocab.read_bytes()
+
+    monkeypatch.delenv("SEDD_GPT2_VOCAB")
+    lm = _load_and_warm(Settings(model=str(run), device="cpu"))  # what `sedd serve --model RUN` does, warm-up too
+    assert lm.tokenizer.name == "gpt2" and lm.config.tokens == 50257
+    assert lm.tokenizer.decode_token(lm.tokenizer.encode(" fox")[0]) == " fox"
 
 
 def test_packaged_configs_and_overrides():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..files import atomic_torch_save, atomic_write, atomic_write_text
-from ..tokenizers import CharTokenizer, Tokenizer, gpt2_vocab_file
+from ..tokenizers import CharTokenizer, Tokenizer
 from .config import TrainConfig, dump_yaml
 from .errors import TrainingError
 
@@ -86,10 +86,9 @@ def write_checkpoint(run_dir: Path, training_state: dict[str, Any], weights: dic
     atomic_write_text(run_dir / "config.yaml", dump_yaml(model_config))
     if isinstance(tokenizer, CharTokenizer):
         atomic_write_text(run_dir / "tokenizer_config.json", json.dumps(tokenizer.config_dict(), indent=2) + "\n")
-    else:
-        vocab = gpt2_vocab_file(None)
-        if vocab is not None and not (run_dir / "gpt2.tiktoken").is_file():
-            atomic_write(run_dir / "gpt2.tiktoken", lambda tmp: shutil.copyfile(vocab, tmp))
+    elif tokenizer.vocab_file is not None and not (run_dir / "gpt2.tiktoken").is_file():
+        # the run folder carries its vocabulary, so that it loads and serves offline
+        atomic_write(run_dir / "gpt2.tiktoken", lambda tmp: shutil.copyfile(tokenizer.vocab_file, tmp))
     write_train_config(run_dir, config)
 
 

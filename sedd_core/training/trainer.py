@@ -75,12 +75,13 @@ def authors_init(model: SEDD) -> None:
         out.linear.bias.zero_()
 
 
-def make_tokenizer(config: TrainConfig, run_dir: Path | None = None) -> Tokenizer:
+def make_tokenizer(config: TrainConfig, run_dir: Path | None = None,
+                   gpt2_vocab: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer; for GPT-2 the ranks come from RUN_DIR/gpt2.tiktoken (copied there by the first
-    checkpoint), $SEDD_GPT2_VOCAB or tiktoken's download, in that order."""
+    checkpoint), the `gpt2_vocab` file (SEDD_GPT2_VOCAB) or tiktoken's download, in that order."""
     if config.tokenizer == "char":
         return CharTokenizer(model_max_length=config.model.length)
-    return load_gpt2(run_dir)
+    return load_gpt2(run_dir, gpt2_vocab)
 
 
 class Trainer:
@@ -92,7 +93,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                  repo: str | None = None, device: str | torch.device | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -104,7 +105,7 @@ class Trainer:
             raise TrainingError(str(exc)) from exc
         self.length = config.model.length
         self.sedd_config: SEDDConfig = config.sedd_config()
-        self.tokenizer = make_tokenizer(config, self.run_dir)
+        self.tokenizer = make_tokenizer(config, self.run_dir, gpt2_vocab)
         self.graph = graph_from_config(self.sedd_config)
         self.noise = noise_from_config(self.sedd_config)
         state = self._saved_state(resume)
@@ -520,10 +521,12 @@ class Trainer:
 
 def train(config: TrainConfig | str | os.PathLike | dict, run_dir: str | os.PathLike, resume: bool = False,
           repo: str | None = None, device: str | torch.device | None = None, *, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or with `resume`, continue) a SEDD model into `run_dir`; returns the final metrics:
     step, train_loss and valid_loss (nats per token), valid_bpc, tokens_per_s, elapsed_s and
-    status ("finished", or the signal that stopped the run)."""
+    status ("finished", or the signal that stopped the run). `gpt2_vocab`: a gpt2.tiktoken file for
+    GPT-2-token runs (copied into the run folder), instead of tiktoken's download."""
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    return Trainer(config, run_dir, resume=resume, repo=repo, device=device, progress=progress, log=log).run()
+    return Trainer(config, run_dir, resume=resume, repo=repo, device=device, progress=progress, log=log,
+                   gpt2_vocab=gpt2_vocab).run()

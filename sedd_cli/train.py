@@ -4,12 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from pathlib import Path
 
-from ..config import ConfigError
-from ..loading import CheckpointError
-from ..tokenizers import TokenizerError
+from app.settings import ModelSettings
 
 EPILOG = """\
 examples:
@@ -21,11 +18,13 @@ examples:
 The run folder holds checkpoint.pth + config.yaml (the EMA weights, loadable with
 `sedd sample --model RUN_DIR`), checkpoints-meta/checkpoint.pth (the resumable state),
 train_config.yaml, metrics.jsonl and samples/. Ctrl-C or SIGTERM stops after the current
-step with a checkpoint; the exit status is then 128 + the signal number.
+step with a checkpoint; the exit status is then 128 + the signal number. A GPT-2-token run
+reads the vocabulary from SEDD_GPT2_VOCAB when set (else tiktoken's download) and keeps a copy
+in the run folder, so that the run serves offline.
 """
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a SEDD model on text (resumable, optional push to Oxen)",
         description="Train a SEDD model with the score-entropy objective.", epilog=EPILOG,
@@ -46,7 +45,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repo", default=None, metavar="NAMESPACE/NAME",
                    help="push config, checkpoint and samples to this Oxen repository after each checkpoint "
                         "(needs pip install 'sedd-serve[oxen]')")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: $SEDD_DEVICE, else auto)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set training.lr=1e-3 --set model.hidden_size=128 "
                         "(values are YAML); repeatable")
@@ -55,7 +54,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from .config import TrainConfig, TrainConfigError, apply_overrides, read_yaml, resolve_config_path
+    from sedd_core.training.config import (
+        TrainConfig,
+        TrainConfigError,
+        apply_overrides,
+        read_yaml,
+        resolve_config_path,
+    )
 
     run_dir = Path(args.out)
     saved = run_dir / "train_config.yaml"
@@ -82,16 +87,18 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .oxen_push import OxenPushError
-    from .trainer import TrainingError, train
+    from sedd_core.training.oxen_push import OxenPushError
+    from sedd_core.training.trainer import TrainingError, train
 
+    from .errors import UsageError
+
+    settings = ModelSettings(**({"device": args.device} if args.device else {}))
     try:
         config = build_config(args)
-        metrics = train(config, args.out, resume=args.resume, repo=args.repo, device=args.device,
-                        progress=not args.no_progress)
-    except (TrainingError, ConfigError, CheckpointError, TokenizerError, OxenPushError) as exc:
-        print(f"sedd train: error: {exc}", file=sys.stderr)
-        return 2
+        metrics = train(config, args.out, resume=args.resume, repo=args.repo, device=settings.device,
+                        progress=not args.no_progress, gpt2_vocab=settings.gpt2_vocab)
+    except (TrainingError, OxenPushError) as exc:
+        raise UsageError(str(exc)) from None
     print(json.dumps(metrics), flush=True)
     status = metrics.get("status", "finished")
     if status in ("SIGINT", "SIGTERM"):

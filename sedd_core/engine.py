@@ -144,7 +144,8 @@ class Submission:
     def durations(self) -> Durations:
         """Up to now, of a submission that has started."""
         now = time.perf_counter()
-        return Durations(queued_s=self.started - self.submitted, run_s=now - self.started, total_s=now - self.submitted)
+        return Durations(queued_s=self.started - self.submitted, run_s=now - self.started,
+                         total_s=now - self.submitted)
 
     async def next_outputs(self) -> list[EngineOutput]:
         """Every record that has arrived, in order; waits for the first."""

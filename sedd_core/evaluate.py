@@ -93,7 +93,8 @@ class TextScores:
     def run(self, batch_size: int | None = None, progress: Progress | None = None) -> list[ScoreResult]:
         """Every draw on the model's runner, `batch_size` rows a pass (default: by model size); the results."""
         lm = self.lm
-        self.draws.run(lm.runner, lm.graph, lm.noise, batch_size or default_rows(lm.length, lm.graph.dim), progress)
+        rows = batch_size or default_rows(lm.length, lm.graph.dim)
+        self.draws.run(lm.runner, lm.graph, lm.noise, rows, progress)
         return self.results()
 
     def results(self) -> list[ScoreResult]:

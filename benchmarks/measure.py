@@ -129,7 +129,10 @@ class MatmulPeak:
 
 @dataclass
 class FlopCount:
-    """Analytic FLOPs of one pass: see the module docstring."""
+    """Analytic FLOPs (two per multiply-add) of the network's matmuls. Per token: each block's qkv, out
+    and MLP projections (12 H^2 multiply-adds) and attention (2 L H); per row: the adaLN modulations and
+    the sigma map; per position where it is computed: the output layer (H V). Norms, softmax and other
+    elementwise work are not counted."""
 
     hidden: int
     cond: int

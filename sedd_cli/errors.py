@@ -36,7 +36,7 @@ def library_errors() -> tuple[type[Exception], ...]:
     """The library's input errors, whose messages already say what to fix. Imported when a command has
     failed, so that building the parser imports no torch."""
     from sedd_core.config import ConfigError
-    from sedd_core.evaluate import ScoreError
+    from sedd_core.elbo import ScoreError
     from sedd_core.generation import GenerationError
     from sedd_core.hub import HubError
     from sedd_core.loading import CheckpointError

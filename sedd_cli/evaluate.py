@@ -26,15 +26,13 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from tqdm import tqdm
 
-    from sedd_core.evaluate import TextScores, default_rows
+    from sedd_core.evaluate import TextScores
 
     lm = load_model(args)
     scores = TextScores(lm, args.texts, args.samples, args.seed)
-    rows = args.batch_size or default_rows(lm.length, lm.graph.dim)
     with tqdm(total=scores.total_rows, desc="scoring", unit="row", file=sys.stderr, delay=1.0) as bar:
-        while not scores.done:
-            bar.update(scores.step(lm.runner, lm.graph, lm.noise, rows))
-    for result in scores.results():
+        results = scores.run(args.batch_size, bar.update)
+    for result in results:
         if args.json:
             print(json.dumps({**result.to_dict(), "samples": args.samples, "seed": args.seed, "model": lm.name}),
                   flush=True)

@@ -28,8 +28,9 @@ class SegmentError(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A canvas of `length` positions: the kept tokens and where the gaps are."""
+class PlacedSegments:
+    """Segments placed on a canvas of `length` positions: the kept tokens, the positions they fix, and
+    where the gaps are."""
 
     tokens: list[int]  # one id per position; 0 at gap positions (they are not fixed)
     fixed: list[bool]  # True where kept text sits
@@ -77,7 +78,7 @@ def _kept_problem(tokenizer: Tokenizer, text: str) -> str | None:
     return None
 
 
-def lay_out(tokenizer: Tokenizer, segments: object, max_length: int) -> Layout:
+def lay_out(tokenizer: Tokenizer, segments: object, max_length: int) -> PlacedSegments:
     """The canvas of `segments`: at most `max_length` positions, every kept piece exactly encodable."""
     segments = check_segments(segments)
     problems = []
@@ -109,7 +110,7 @@ def lay_out(tokenizer: Tokenizer, segments: object, max_length: int) -> Layout:
         else:
             tokens += piece
             fixed += [True] * len(piece)
-    return Layout(tokens, fixed, tuple(gaps))
+    return PlacedSegments(tokens, fixed, tuple(gaps))
 
 
 def rewrite_segments(tokenizer: Tokenizer, text: str, spans: object,

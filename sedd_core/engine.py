@@ -63,7 +63,9 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
-class Timing:
+class Durations:
+    """How long a submission waited and ran, in seconds."""
+
     queued_s: float  # submission to admission
     run_s: float  # admission to the last step
     total_s: float  # submission to the last step
@@ -75,7 +77,7 @@ class FinalOutput:
 
     request_id: int
     tokens: torch.Tensor  # long (rows, length) on the CPU
-    timing: Timing
+    timing: Durations
 
 
 Outcome = Literal["error", "shutdown", "cancelled"]
@@ -97,7 +99,7 @@ class WorkOutput:
 
     request_id: int
     work: ChunkedWork
-    timing: Timing
+    timing: Durations
 
 
 EngineOutput = StepOutput | FinalOutput | ErrorOutput | WorkOutput
@@ -138,6 +140,12 @@ class Submission:
     def cancel(self) -> None:
         """Leave the batch (or the work queue) before the next step (safe from any thread)."""
         self.cancelled = True
+
+    def durations(self) -> Durations:
+        """Up to now, of a submission that has started."""
+        now = time.perf_counter()
+        return Durations(queued_s=self.started - self.submitted, run_s=now - self.started,
+                         total_s=now - self.submitted)
 
     async def next_outputs(self) -> list[EngineOutput]:
         """Every record that has arrived, in order; waits for the first."""
@@ -335,10 +343,7 @@ class Engine:
             return
         if submission.work.done:
             self._work.popleft()
-            now = time.perf_counter()
-            timing = Timing(queued_s=submission.started - submission.submitted, run_s=now - submission.started,
-                            total_s=now - submission.submitted)
-            self._send(submission, WorkOutput(submission.id, submission.work, timing))
+            self._send(submission, WorkOutput(submission.id, submission.work, submission.durations()))
             self._end(submission, "ok")
 
     # ---- records ------------------------------------------------------------------------
@@ -354,10 +359,7 @@ class Engine:
                                        tuple(job.masks_left.tolist())))
 
     def _finish(self, submission: Submission) -> None:
-        now = time.perf_counter()
-        timing = Timing(queued_s=submission.started - submission.submitted, run_s=now - submission.started,
-                        total_s=now - submission.submitted)
-        self._send(submission, FinalOutput(submission.id, _on_cpu(submission.job.x), timing))
+        self._send(submission, FinalOutput(submission.id, _on_cpu(submission.job.x), submission.durations()))
         self._end(submission, "ok")
 
     def _fail(self, submission: Submission, message: str, outcome: Outcome) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .canvas import SegmentError, lay_out
+from .canvas import Segment, SegmentError, lay_out
 from .loading import LoadedModel
 from .sampling import PREDICTORS, ControlError, Job, SamplingControls, denoising_step
 from .tokenizers import MASK_PLACEHOLDER, render
@@ -23,19 +22,6 @@ class GenerationError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
-
-
-@dataclass
-class Canvas:
-    """Where the prompt sits on a row of `length` positions."""
-
-    length: int
-    prefix_ids: list[int]
-    suffix_ids: list[int]
-
-    @property
-    def free(self) -> int:
-        return self.length - len(self.prefix_ids) - len(self.suffix_ids)
 
 
 def new_seed() -> int:
@@ -54,19 +40,22 @@ def check_encodable(lm: LoadedModel, **texts: str) -> None:
         raise GenerationError(f"characters this model's vocabulary cannot encode: {'; '.join(problems)}")
 
 
-def make_canvas(lm: LoadedModel, length: int | None, prefix: str = "", suffix: str = "") -> Canvas:
+def infill_segments(lm: LoadedModel, length: int | None, prefix: str = "", suffix: str = "") -> list[Segment]:
+    """The shorthand's segments `[prefix, gap, suffix]`: the gap fills the rest of a canvas of `length`
+    tokens (default: the model's length)."""
     max_length = lm.length
     length = max_length if length is None else int(length)
     if not 1 <= length <= max_length:
         raise GenerationError(f"length must be between 1 and {max_length} (the model's length), got {length}")
     check_encodable(lm, prefix=prefix, suffix=suffix)
-    canvas = Canvas(length, lm.tokenizer.encode(prefix), lm.tokenizer.encode(suffix))
-    if canvas.free < 1:
+    prefix_tokens, suffix_tokens = len(lm.tokenizer.encode(prefix)), len(lm.tokenizer.encode(suffix))
+    gap = length - prefix_tokens - suffix_tokens
+    if gap < 1:
         raise GenerationError(
-            f"prefix ({len(canvas.prefix_ids)} tokens) plus suffix ({len(canvas.suffix_ids)} tokens) "
+            f"prefix ({prefix_tokens} tokens) plus suffix ({suffix_tokens} tokens) "
             f"leave no room on a canvas of {length} tokens; shorten them or raise length"
         )
-    return canvas
+    return [prefix, gap, suffix]
 
 
 def sampling_controls(lm: LoadedModel, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -103,19 +92,18 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
             raise GenerationError("give either segments or prefix/suffix/length, not both: segments describe the "
                                   "whole canvas")
     else:
-        canvas = make_canvas(lm, length, prefix, suffix)
-        segments = [prefix, canvas.free, suffix]
+        segments = infill_segments(lm, length, prefix, suffix)
     try:
-        layout = lay_out(lm.tokenizer, segments, lm.length)
+        placed = lay_out(lm.tokenizer, segments, lm.length)
     except SegmentError as exc:
         raise GenerationError(str(exc)) from None
     generator = torch.Generator(device=lm.device)
     generator.manual_seed(new_seed() if seed is None else int(seed))
-    x = lm.graph.sample_limit(num_samples, layout.length, device=lm.device, generator=generator)
-    fixed = torch.tensor(layout.fixed, dtype=torch.bool, device=lm.device)
-    fixed_tokens = torch.tensor(layout.tokens, dtype=torch.long, device=lm.device)
-    return Job(x=x, steps=steps, predictor=predictor, generator=generator, fixed=fixed if any(layout.fixed) else None,
-               fixed_tokens=fixed_tokens, controls=controls, gaps=layout.gaps)
+    x = lm.graph.sample_limit(num_samples, placed.length, device=lm.device, generator=generator)
+    fixed = torch.tensor(placed.fixed, dtype=torch.bool, device=lm.device)
+    fixed_tokens = torch.tensor(placed.tokens, dtype=torch.long, device=lm.device)
+    return Job(x=x, steps=steps, predictor=predictor, generator=generator, fixed=fixed if any(placed.fixed) else None,
+               fixed_tokens=fixed_tokens, controls=controls, gaps=placed.gaps)
 
 
 def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:

@@ -1,6 +1,6 @@
 """Diffusion graphs (absorbing, uniform): forward process, reverse rates and the score-entropy loss.
 
-These are the faithful, vocabulary-wide formulas of SPEC section 4, used for the
+These are the faithful, vocabulary-wide formulas of the authors' `graph_lib.py`, used for the
 uniform graph, for training and as the reference the fast sampling path is
 tested against. `score` is the ratio estimate (exp of the network's log score)
 unless a name says `log_score`. `sigma` and step sizes broadcast as (B, 1).

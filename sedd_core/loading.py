@@ -1,8 +1,9 @@
 """`sedd_core.load(source)`: one entry point for every checkpoint layout and source.
 
-Layouts (SPEC section 1): Oxen (`checkpoint.pth` + `config.yaml`), Hugging Face
-(`config.json` + `model.safetensors` / `pytorch_model.bin`), and an authors' or our
-training run (`checkpoints-meta/checkpoint.pth` + `.hydra/config.yaml`, EMA weights).
+Layouts: Oxen (`checkpoint.pth` + `config.yaml`), Hugging Face (`config.json` +
+`model.safetensors` / `pytorch_model.bin`, what the authors' `load_model.py` reads with
+`from_pretrained`), and an authors' or our training run (`checkpoints-meta/checkpoint.pth` +
+`.hydra/config.yaml`, EMA weights, as their `load_model_local` reads it).
 Sources: one of those folders, `default` (the character model shipped in the
 package), `oxen:NAMESPACE/REPO` or `hf:REPO_ID`.
 """

@@ -1,4 +1,4 @@
-"""The training objective: diffusion-weighted score entropy (SPEC section 4)."""
+"""The training objective: diffusion-weighted score entropy (the authors' `get_loss_fn` in `losses.py`)."""
 from __future__ import annotations
 
 import torch

@@ -5,9 +5,10 @@ attention, block, output layer, model. This is the reference network: one forwar
 authors' maths written plainly. Training runs it; inference runs `fast_model.FastSEDD`, which
 shares its weights and computes the same function faster (tests/test_model_fast_paths.py).
 
-State-dict keys and shapes match the authors' checkpoints exactly (SPEC section 1), so
-`load_state_dict(strict=True)` of their weights succeeds. Shapes: B rows, L positions, H hidden,
-h heads, d = H / h, V vocabulary (with the mask for the absorbing graph), cond the conditioning width.
+State-dict keys and shapes match the authors' checkpoints exactly (their `SEDD` in
+`model/transformer.py` of louaaron/Score-Entropy-Discrete-Diffusion), so `load_state_dict(strict=True)`
+of their weights succeeds. Shapes: B rows, L positions, H hidden, h heads, d = H / h, V vocabulary
+(with the mask for the absorbing graph), cond the conditioning width.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class Rotary(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of position x frequency, (L, d/2) float32 each: the SPEC's tables of width d
-        are these twice over, [angles, angles]."""
+        """cos and sin of position x frequency, (L, d/2) float32 each: the authors' tables of width d
+        (`model/rotary.py`) are these twice over, [angles, angles]."""
         key = (seq_len, str(device))
         if key not in self._cache:
             # normal tensors even when first asked for under inference_mode: training reuses them

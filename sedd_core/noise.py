@@ -1,4 +1,5 @@
-"""Noise schedules: total noise sigma(t) and its rate dsigma/dt, for t in [0, 1] (SPEC section 3)."""
+"""Noise schedules: total noise sigma(t) and its rate dsigma/dt, for t in [0, 1] (the authors'
+`noise_lib.py`)."""
 from __future__ import annotations
 
 import math

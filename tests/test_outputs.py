@@ -12,7 +12,7 @@ from app.limits import check_limits, requested_steps
 from app.outputs import Layout, RequestOutput
 from app.schemas import InfillRequest, InfillResponse, SampleRequest, default_steps
 from app.settings import Settings
-from sedd_core.engine import FinalOutput, StepOutput, Timing
+from sedd_core.engine import Durations, FinalOutput, StepOutput
 from sedd_core.generation import generate, iterate, make_job
 from sedd_core.tokenizers import MASK_PLACEHOLDER
 
@@ -61,7 +61,7 @@ def test_step_event_and_response_shapes(lm):
     assert event.fixed is None and with_pieces.fixed == [True] + [False] * 7
 
     final = FinalOutput(request_id=1, tokens=torch.tensor([lm.tokenizer.encode("abcdefgh")]),
-                        timing=Timing(queued_s=0.123456, run_s=1.0, total_s=1.123456))
+                        timing=Durations(queued_s=0.123456, run_s=1.0, total_s=1.123456))
     answer = RequestOutput(lm, job).response(final, InfillResponse, id="x", seed=5, prefix="a", suffix="")
     assert answer.samples[0].text == "abcdefgh" and answer.timing.queued_s == 0.1235
     assert (answer.num_samples, answer.steps, answer.length, answer.model) == (1, 4, 8, lm.name)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import sedd_core
-from sedd_core import cli
-from sedd_core.evaluate import ElboDraws, ScoreError, TextScores, elbo_rows, score_texts, score_tokens
+from sedd_cli.main import main as sedd_main
+from sedd_core.elbo import ElboDraws, ScoreError, elbo_draws, elbo_rows
+from sedd_core.evaluate import ScoreResult, TextScores, score_texts
 from sedd_core.losses import score_entropy_loss
 
 TRAINING_STRINGS = ["hello world!", "diffusion ok", "masked chars", "score ratios", "tiny dataset"]
@@ -57,9 +58,15 @@ def test_training_strings_rank_far_below_random_strings(lm):
     assert all(r.tokens == 12 for r in known + unknown)
     assert max(r.nll_nats for r in known) * 4 < min(r.nll_nats for r in unknown)
     assert max(r.bits_per_token for r in known) < 1 < 4 < min(r.bits_per_token for r in unknown)
-    for r in known:
-        assert r.perplexity_bound == pytest.approx(math.exp(r.nll_nats / r.tokens))
-        assert r.bits_per_token == pytest.approx(r.nll_nats / r.tokens / math.log(2))
+
+
+def test_a_result_in_bits_and_perplexity_worked_by_hand():
+    """4 tokens, 8 ln 2 = 5.545177 nats, variance 0.25: 8 ln 2 / 4 = 2 ln 2 nats a token, which is 2 bits a
+    token and a perplexity of e^(2 ln 2) = 4; the standard error is sqrt(0.25) = 0.5."""
+    result = ScoreResult.from_estimate("abcd", tokens=4, nll_nats=5.545177444479562, variance=0.25)
+    assert result.bits_per_token == pytest.approx(2.0)
+    assert result.perplexity_bound == pytest.approx(4.0)
+    assert result.stderr_nats == 0.5
 
 
 def test_standard_error_shrinks_as_samples_grow(lm):
@@ -122,14 +129,15 @@ def test_chunks_do_not_change_the_result_and_restore_the_model_mode(lm):
         assert chunked.stderr_nats == pytest.approx(whole.stderr_nats, rel=1e-4)
 
 
-def test_score_tokens_takes_a_plain_module_and_windows(lm):
+def test_elbo_draws_takes_a_plain_module_and_windows(lm):
+    """Whole windows: the draws are those the texts get, so their means are the texts' bounds."""
     ids = torch.tensor([lm.tokenizer.encode(s) for s in TRAINING_STRINGS[:2]])
-    estimates = score_tokens(lm.model, lm.graph, lm.noise, ids, samples=16, seed=0, batch_size=7)
+    draws = elbo_draws(lm.model, lm.graph, lm.noise, ids, samples=16, seed=0, batch_size=7)
     by_text = score_texts(lm, TRAINING_STRINGS[:2], samples=16, seed=0)
-    assert [e[0] for e in estimates] == pytest.approx([r.nll_nats for r in by_text], rel=1e-4)
-    assert [e[1] for e in estimates] == pytest.approx([r.stderr_nats for r in by_text], rel=1e-4)
+    assert draws.shape == (2, 16) and draws.dtype == torch.float64
+    assert draws.mean(dim=1).tolist() == pytest.approx([r.nll_nats for r in by_text], rel=1e-4)
     with pytest.raises(ScoreError, match=r"token ids must lie in \[0, 99\)"):
-        score_tokens(lm.model, lm.graph, lm.noise, ids + 200, samples=4)
+        elbo_draws(lm.model, lm.graph, lm.noise, ids + 200, samples=4)
 
 
 @pytest.mark.parametrize("texts, samples, message", [
@@ -161,7 +169,7 @@ def test_single_draw_has_no_standard_error(lm):
 
 
 def test_cli_prints_the_fields(tiny_five, capsys):
-    assert cli.main(["score", "--model", str(tiny_five), "--samples", "8", "--json", "hello world!", "xq"]) == 0
+    assert sedd_main(["score", "--model", str(tiny_five), "--samples", "8", "--json", "hello world!", "xq"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == ["hello world!", "xq"]
     for line in lines:
@@ -169,14 +177,14 @@ def test_cli_prints_the_fields(tiny_five, capsys):
         assert line["samples"] == 8 and line["seed"] == 0
     assert lines[0]["nll_nats"] == pytest.approx(score_texts(sedd_core.load(tiny_five, device="cpu"),
                                                              "hello world!", samples=8)[0].nll_nats)
-    assert cli.main(["score", "--model", str(tiny_five), "hello world!", "--samples", "2"]) == 0
+    assert sedd_main(["score", "--model", str(tiny_five), "hello world!", "--samples", "2"]) == 0
     assert "12 tokens, nll <= " in capsys.readouterr().out
 
 
 def test_cli_refuses_bad_input_with_status_2(tiny_five, capsys):
-    assert cli.main(["score", "--model", str(tiny_five), "--samples", "0", "hello"]) == 2
+    assert sedd_main(["score", "--model", str(tiny_five), "--samples", "0", "hello"]) == 2
     assert "samples must be" in capsys.readouterr().err
-    assert cli.main(["score", "--model", str(tiny_five), "héllo"]) == 2
+    assert sedd_main(["score", "--model", str(tiny_five), "héllo"]) == 2
     assert "cannot encode: 'é'" in capsys.readouterr().err
 
 

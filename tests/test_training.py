@@ -325,7 +325,7 @@ def test_config_reads_yaml_as_people_write_it():
 
 
 def test_training_evaluation_is_the_sedd_eval_estimator(corpus, tmp_path):
-    from sedd_core.evaluate import elbo_draws
+    from sedd_core.elbo import elbo_draws
 
     run = tmp_path / "run"
     cfg = tiny(corpus, n_iters=3, eval_every=3, checkpoint_every=3)

@@ -11,7 +11,8 @@ import math
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from sedd_core.evaluate import ScoreError, TextScores, default_rows
+from sedd_core.elbo import ScoreError, default_rows
+from sedd_core.evaluate import TextScores
 
 from .. import submissions
 from ..auth import require_api_key

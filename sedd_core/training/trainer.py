@@ -6,7 +6,7 @@ dsigma/dt(t) * score entropy, averaged over the batch. AdamW with linear warm-up
 gradient clipping and an EMA of the weights; bfloat16 autocast on CUDA (the weights
 stay float32), float32 on a CPU. Training crops are random windows of `length`
 tokens of the encoded corpus (`corpus.py`); held-out evaluation is `sedd eval`'s
-estimator (`sedd_core.evaluate.elbo_draws`) on fixed crops with fixed noise.
+estimator (`sedd_core.elbo.elbo_draws`) on fixed crops with fixed noise.
 
 The run folder (`RUN_DIR`, laid out in `checkpoint.py`) is at once a model
 `sedd_core.load` reads and a resumable run; sample snapshots from the EMA weights go to
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SEDDConfig
-from ..evaluate import elbo_draws
+from ..elbo import elbo_draws
 from ..files import atomic_write_text
 from ..generation import GenerationError, generate
 from ..graph import graph_from_config

@@ -4,7 +4,7 @@
 # Arms: P2 = the new defaults (all cores; OMP_WAIT_POLICY=PASSIVE, which app/__init__ sets), P1 = PASSIVE with
 # SEDD_TORCH_THREADS=1; S2 / S1 = libgomp's default wait policy (spin; an empty OMP_WAIT_POLICY reads as unset)
 # with 2 / 1 threads. S1 is the old default. QUICK=1 shrinks everything for a smoke run.
-cd "$(dirname "$0")/../.." && mkdir -p /tmp/cpu-perf
+cd "$(dirname "$0")/../../.." && mkdir -p /tmp/cpu-perf
 R=${R:-/tmp/cpu-perf/results}; mkdir -p $R
 PORT=8741
 arm_env() { case $1 in P2) echo "OMP_WAIT_POLICY=PASSIVE";; P1) echo "OMP_WAIT_POLICY=PASSIVE SEDD_TORCH_THREADS=1";;
@@ -22,7 +22,7 @@ for arm in $arms; do
         --stream-every 1 --heartbeat 1 --grace 150 --json > $out
     stamp "loop $arm end rc=$?";;
   flops|one)
-    docs/cpu-round-two/serve.sh $PORT $(arm_env $arm) > /dev/null
+    docs/measurements/cpu-round-two/serve.sh $PORT $(arm_env $arm) > /dev/null
     stamp "$part $arm start"
     if [[ $part == flops ]]; then
       timeout 300 .venv/bin/python scripts/bench_server.py http://127.0.0.1:$PORT --mode json --concurrency 8 \

@@ -1,0 +1,115 @@
+"""One denoising step on the CPU, timed: the whole step of two preset shapes, and the step's draw alone.
+
+For before/after comparisons of the sampler (docs/benchmarks-sampling.md, "Exact draws"): run it from
+two checkouts in turns, each with its own sedd_core on the path, and compare the medians:
+
+    PYTHONPATH=BEFORE_DIR python scripts/bench_step.py --label before
+    PYTHONPATH=.          python scripts/bench_step.py --label after
+
+Cases (analytic predictor, one row, 128 steps, float32, 2 threads unless --threads):
+  char-default@k   the `char-default` preset (98 characters, length 128), the whole step, at step k of 128
+                   with the share of positions still masked that the schedule gives at that step
+  gpt2@k           `gpt2-small-trunk` (GPT-2 vocabulary, length 256), the whole step, likewise
+  draw-V@N         the step with a stand-in network (V real tokens) that copies fixed log scores (a long-tailed
+                   clean-token distribution scaled by the score's time factor): the step's maths and
+                   draw alone, V + 1 columns at N masked positions
+
+Prints one line per case: label, case, median and min milliseconds per step over --repeats, and the
+load averages before the run. Uses only `Job`, `denoising_step` and `log_score_at_index`, which both
+sides of a comparison have.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from benchmarks.presets import synthetic_model
+from sedd_core.fast_model import FastSEDD
+from sedd_core.sampling import Job, denoising_step, time_grid
+
+
+class StandInNetwork:
+    """Copies fixed log scores (N, V + 1) for the first N masked positions: the network's cost is one copy."""
+
+    def __init__(self, vocab: int, positions: int, sigma: float, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(positions, vocab, generator=gen) * 3  # a long tail over the vocabulary
+        clean = torch.log_softmax(logits, dim=-1)
+        time_factor = -math.log(math.expm1(sigma))  # s_y = p(x0 = y | xt) / (e^sigma - 1) (absorbing graph)
+        self.log_score = torch.cat([clean + time_factor, torch.zeros(positions, 1)], dim=1)
+
+    def log_score_at_index(self, x, sigma, index, out=None, row_of=None):
+        n = len(index)
+        if out is None:
+            return self.log_score[:n].clone()
+        return out.copy_(self.log_score[:n])
+
+
+def masked_share(steps: int, k: int) -> float:
+    """The share of positions still masked at step k under the log-linear schedule: about t."""
+    return float(time_grid(steps)[k])
+
+
+def make_job_at(mask_id: int, length: int, steps: int, k: int, masked: int | None, seed: int) -> Job:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, mask_id, (1, length), generator=gen)
+    count = masked if masked is not None else max(1, round(length * masked_share(steps, k)))
+    x[0, torch.randperm(length, generator=gen)[:count]] = mask_id
+    job = Job(x=x, steps=steps, predictor="analytic", generator=gen)
+    job.step_index = k
+    return job
+
+
+def time_case(runner, graph, noise, mask_id, length, steps, k, masked, repeats) -> list[float]:
+    times = []
+    for r in range(repeats):
+        job = make_job_at(mask_id, length, steps, k, masked, seed=r)
+        start = time.perf_counter()
+        denoising_step(runner, graph, noise, [job])
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="char-default@1,char-default@64,gpt2@1,gpt2@64,draw-98@128,"
+                                           "draw-50257@16,draw-50257@256")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    steps = 128
+    models = {}
+    for case in args.cases.split(","):
+        name, at = case.split("@")
+        if name.startswith("draw-"):
+            vocab, positions = int(name.split("-")[1]), int(at)
+            preset = "short12" if vocab < 1000 else "gpt2-small-trunk"
+            lm = models.setdefault(preset, synthetic_model(preset, torch.device("cpu"), torch.float32,
+                                                           length=None if vocab < 1000 else 256))
+            k = 1
+            sigma = float(lm.noise.total(torch.tensor(masked_share(steps, k))))
+            runner = StandInNetwork(vocab, positions, sigma)
+            length = max(positions, lm.length)
+            time_case(runner, lm.graph, lm.noise, lm.graph.mask, length, steps, k, positions, 2)  # warm up
+            times = time_case(runner, lm.graph, lm.noise, lm.graph.mask, length, steps, k, positions, args.repeats)
+        else:
+            preset = "char-default" if name == "char-default" else "gpt2-small-trunk"
+            lm = models.setdefault(preset, synthetic_model(preset, torch.device("cpu"), torch.float32))
+            runner = FastSEDD(lm.model)
+            k = int(at)
+            time_case(runner, lm.graph, lm.noise, lm.graph.mask, lm.length, steps, k, None, 2)  # warm up
+            times = time_case(runner, lm.graph, lm.noise, lm.graph.mask, lm.length, steps, k, None, args.repeats)
+        print(f"{args.label:8s} {case:18s} median {statistics.median(times):8.3f} ms  min {min(times):8.3f} ms"
+              f"  (load {load})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

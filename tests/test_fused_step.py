@@ -26,7 +26,8 @@ def _scores(n: int = 9, vocab: int = 99, seed: int = 0) -> sampling.MaskedScores
 
 def test_fused_stats_equal_the_in_place_maths():
     scores = _scores()
-    peak, mass = sampling._masked_stats_in_place(scores, torch.device("cpu"))
+    with torch.inference_mode():  # as in a step: the reused buffers are made there
+        peak, mass = sampling._masked_stats_in_place(scores, torch.device("cpu"))
     fused_peak, fused_mass = sampling.masked_stats(scores.log_score)
     assert torch.equal(fused_peak, peak)
     torch.testing.assert_close(fused_mass, mass, rtol=1e-6, atol=0)
@@ -70,8 +71,9 @@ def test_fused_step_with_the_eager_maths_draws_what_the_in_place_step_draws(shor
 def test_compiled_fused_step_equals_the_in_place_maths(short12, torch_compile):
     for n in (9, 1, 30):  # one compile: n is dynamic, and a single position is padded
         scores = _scores(n=n, seed=n)
-        peak, mass = sampling._masked_stats_in_place(scores, torch.device("cpu"))
-        fused_peak, fused_mass = sampling.compiled_masked_stats(scores.log_score)
+        with torch.inference_mode():
+            peak, mass = sampling._masked_stats_in_place(scores, torch.device("cpu"))
+            fused_peak, fused_mass = sampling.compiled_masked_stats(scores.log_score)
         assert torch.equal(fused_peak, peak)
         torch.testing.assert_close(fused_mass, mass, rtol=1e-6, atol=0)
     unfused = _one_step(short12, fused=False)

@@ -14,8 +14,9 @@ Cases (analytic predictor, one row, 128 steps, float32, 2 threads unless --threa
                    clean-token distribution scaled by the score's time factor): the step's maths and
                    draw alone, V + 1 columns at N masked positions
 
-Prints one line per case: label, case, median and min milliseconds per step over --repeats, and the
-load averages before the run. Uses only `Job`, `denoising_step` and `log_score_at_index`, which both
+Prints one line per case: label, case, median and min milliseconds per step over --repeats, wall clock
+and CPU time of the process (steadier on a shared machine; with --threads 1 it is the step's work), and
+the load averages before the run. Uses only `Job`, `denoising_step` and `log_score_at_index`, which both
 sides of a comparison have.
 """
 from __future__ import annotations
@@ -65,14 +66,17 @@ def make_job_at(mask_id: int, length: int, steps: int, k: int, masked: int | Non
     return job
 
 
-def time_case(runner, graph, noise, mask_id, length, steps, k, masked, repeats) -> list[float]:
-    times = []
+def time_case(runner, graph, noise, mask_id, length, steps, k, masked, repeats) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU (process) milliseconds of each step. On a shared machine the CPU time is the
+    steadier figure: it counts the work, not the waits for a core."""
+    wall, cpu = [], []
     for r in range(repeats):
         job = make_job_at(mask_id, length, steps, k, masked, seed=r)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         denoising_step(runner, graph, noise, [job])
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return wall, cpu
 
 
 def main() -> None:
@@ -99,16 +103,17 @@ def main() -> None:
             runner = StandInNetwork(vocab, positions, sigma)
             length = max(positions, lm.length)
             time_case(runner, lm.graph, lm.noise, lm.graph.mask, length, steps, k, positions, 2)  # warm up
-            times = time_case(runner, lm.graph, lm.noise, lm.graph.mask, length, steps, k, positions, args.repeats)
+            wall, cpu = time_case(runner, lm.graph, lm.noise, lm.graph.mask, length, steps, k, positions,
+                                  args.repeats)
         else:
             preset = "char-default" if name == "char-default" else "gpt2-small-trunk"
             lm = models.setdefault(preset, synthetic_model(preset, torch.device("cpu"), torch.float32))
             runner = FastSEDD(lm.model)
             k = int(at)
             time_case(runner, lm.graph, lm.noise, lm.graph.mask, lm.length, steps, k, None, 2)  # warm up
-            times = time_case(runner, lm.graph, lm.noise, lm.graph.mask, lm.length, steps, k, None, args.repeats)
-        print(f"{args.label:8s} {case:18s} median {statistics.median(times):8.3f} ms  min {min(times):8.3f} ms"
-              f"  (load {load})", flush=True)
+            wall, cpu = time_case(runner, lm.graph, lm.noise, lm.graph.mask, lm.length, steps, k, None, args.repeats)
+        print(f"{args.label:8s} {case:16s} wall median {statistics.median(wall):8.3f} min {min(wall):8.3f} ms | "
+              f"cpu median {statistics.median(cpu):8.3f} min {min(cpu):8.3f} ms  (load {load})", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ on /v1/* have OpenAI's shape (app/main.py); this module raises `OpenAIError` for
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from sedd_core.engine import ErrorOutput, FinalOutput, StepOutput
 from sedd_core.generation import GenerationError, check_encodable, make_job, new_seed
@@ -30,46 +28,23 @@ from ..openai_schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorBody,
     ModelCard,
     ModelList,
     OpenAIError,
     Usage,
     error_body,
+    error_responses,
     refused_parameter,
 )
 from ..outputs import GapStream, RequestOutput, cut_at_stop
-from ..schemas import MAX_SEED, RETRY_AFTER, WWW_AUTHENTICATE, default_steps
+from ..schemas import MAX_SEED, default_steps
 from ..state import ReadyState, ServerState
+from ..streaming import client_closed, event_stream
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
 STARTED = int(time.time())
-STREAM_GRACE_MARGIN_S = 5
-CLIENT_CLOSED_REQUEST = 499
 DONE = "[DONE]"
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        400: "invalid input or a refused OpenAI parameter; `error.param` names the field",
-        401: "missing or wrong API key (when the server has one)",
-        404: "no model of that name is served here (GET /v1/models)",
-        413: "request body over SEDD_MAX_BODY_BYTES (FastAPI's {\"detail\"} shape: refused before routing)",
-        500: "the generation failed (a fault in its model pass); other requests are not affected",
-        503: "model loading, queue full or shutting down",
-    }
-    answers: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        answers[status] = {"model": ErrorBody, "description": described[status]}
-        if status == 401:
-            answers[status]["headers"] = WWW_AUTHENTICATE
-        if status == 503:
-            answers[status]["headers"] = RETRY_AFTER
-    answers[413]["model"] = None
-    answers[413]["content"] = {"application/json": {"schema": {
-        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
-    return answers
 
 
 STREAM_DOC = {
@@ -131,25 +106,17 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
     # Deltas need step records only under the absorbing graph (a uniform-graph model streams its final text).
     wants_steps = body.stream and (body.denoising or lm.graph.absorb)
-    running = []
-    try:
-        for job in jobs:
-            running.append(submissions.submit(state, job, 1 if wants_steps else job.steps + 1))
-    except BaseException:
-        for submission in running:
-            submission.cancel()
-        raise
+    running = submissions.submit_all(state, jobs, 1 if wants_steps else None)
     reply = Reply(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=lm.name)
     headers = {"X-Request-ID": reply.id}
     outputs = [RequestOutput(lm, job) for job in jobs]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _stream(running, outputs, body, reply, usage if include_usage else None, state)
-        return EventSourceResponse(events, headers=headers, ping=settings.stream_heartbeat_s,
-                                   shutdown_grace_period=settings.drain_timeout_s + STREAM_GRACE_MARGIN_S)
+        return event_stream(events, settings, headers)
     finals = await submissions.results(running, request)
     if finals is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return client_closed()
     choices = []
     for i, (output, final) in enumerate(zip(outputs, finals)):
         for j, decoded in enumerate(output.decode(final.tokens)):
@@ -200,36 +167,12 @@ class Reply:
                                                                                else None))
 
 
-async def _merged(running: list) -> AsyncIterator[tuple[int, Any]]:
-    """(index of the submission, record) of several submissions as they arrive; leaving cancels them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, submission) -> None:
-        async for record in submissions.follow(submission):
-            await queue.put((i, record))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(running)]
-    try:
-        left = len(running)
-        while left:
-            i, record = await queue.get()
-            yield i, record
-            if not isinstance(record, StepOutput):
-                left -= 1
-    finally:
-        for task in tasks:
-            task.cancel()
-        for submission in running:
-            if not submission.finished:
-                submission.cancel()
-
-
 async def _stream(running: list, outputs: list[RequestOutput], body: CompletionRequest, reply: Reply,
                   usage: Usage | None, state: ServerState) -> AsyncIterator[ServerSentEvent]:
     lm, n = state.lm, body.n
     gaps = [[GapStream(lm.tokenizer, job_gap(output), lm.mask_id, body.stops) for _ in range(n)]
             for output in outputs]
-    async with aclosing(_merged(running)) as records:  # a client that leaves cancels every submission now
+    async with aclosing(submissions.follow_all(running)) as records:  # a client that leaves cancels every submission now
         async for i, record in records:
             if isinstance(record, ErrorOutput):
                 status = submissions.error_status(record).status_code

@@ -7,6 +7,7 @@ Both are fixtures of tests/conftest.py; `tiny_limits` are the limits of both tin
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 from httpx_sse import EventSource, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -92,6 +94,29 @@ async def test_health_model_docs_and_page(tiny_client, tiny_limits):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     metrics = parse_metrics((await tiny_client.get("/metrics")).text)
     assert metric(metrics, "sedd_running_rows") == 0 and metric(metrics, "sedd_queue_depth") == 0
+
+
+@pytest.mark.anyio
+async def test_the_pages_modules_are_served_as_javascript_and_packaged(tiny_client, repo_root):
+    """The page is native ES modules: a browser runs one only when it comes with a JavaScript type, and a
+    wheel without one of them serves a dead page."""
+    page = (await tiny_client.get("/")).text
+    pending = re.findall(r'<script type="module" src="static/([\w.-]+)"', page)
+    assert pending == ["main.js"], page
+    served = set()
+    while pending:
+        name = pending.pop()
+        served.add(name)
+        module = await tiny_client.get(f"/static/{name}")
+        assert module.status_code == 200, name
+        assert module.headers["content-type"].startswith("text/javascript"), (name, module.headers["content-type"])
+        pending += [found for found in re.findall(r'^import .* from "\./([\w.-]+)";$', module.text, re.M)
+                    if found not in served]
+    assert len(served) > 1  # main.js imports the others
+    globs = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
+    packaged = {path for glob in globs for path in (repo_root / "app").glob(glob) if path.is_file()}
+    static = {path for path in (repo_root / "app" / "static").rglob("*") if path.is_file()}
+    assert static <= packaged, sorted(str(path) for path in static - packaged)
 
 
 # ---- JSON (in-process) and SSE (tiny_server) for both endpoints -------------------------------------

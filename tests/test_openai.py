@@ -163,6 +163,20 @@ def test_validation_errors_have_openais_shape(client, tiny_limits):
     assert model.value.param == "model" and model.value.code == "model_not_found"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_tokens", [None, 4])
+async def test_prompt_and_suffix_are_tokenized_once(tiny_client, monkeypatch, max_tokens):
+    """In-process (tiny_client): the job keeps the tokens the route counted, for usage and the gap's size."""
+    encoded = []
+    encode = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
+    body = {"model": MODEL, "prompt": "hel", "suffix": "!", "max_tokens": max_tokens, "steps": 4}
+    answer = await tiny_client.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == 4
+    assert sorted(encoded) == ["!", "hel"]
+
+
 def test_the_api_key(start_server, tiny_five):
     with start_server(tiny_five, max_steps=8, SEDD_API_KEY="sesame") as url:
         right = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sedd_core
-from sedd_core.canvas import MAX_SEGMENTS, SegmentError, lay_out, rewrite_segments, text_and_spans
+from sedd_core.canvas import (
+    MAX_SEGMENTS,
+    SegmentError,
+    lay_out,
+    rewrite_segments,
+    text_and_spans,
+    tokenize_kept,
+)
 from sedd_core.generation import GenerationError, iterate, make_job
 from sedd_core.tokenizers import CharTokenizer, load_gpt2
 
@@ -202,6 +209,14 @@ def test_empty_strings_take_no_positions():
 def test_gpt2_refuses_text_that_does_not_survive_encoding(gpt2):
     with pytest.raises(SegmentError, match=r"segment 0 \('a\\ud800'\) does not decode back to itself"):
         lay_out(gpt2, ["a\ud800", 2], max_length=24)
+
+
+def test_text_tokenized_beforehand_lays_out_as_the_text(gpt2):
+    kept = tokenize_kept(CHARS, "ab")
+    assert kept.tokens == tuple(CHARS.encode("ab"))
+    assert lay_out(CHARS, [kept, 3, tokenize_kept(CHARS, "")], max_length=12) == lay_out(CHARS, ["ab", 3, ""], 12)
+    with pytest.raises(SegmentError, match=r"'a\\ud800' does not decode back to itself"):
+        tokenize_kept(gpt2, "a\ud800")
 
 
 def test_make_job_reports_segment_errors_as_generation_errors(tiny_lm):

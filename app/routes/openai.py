@@ -16,10 +16,11 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import ServerSentEvent
 
+from sedd_core.canvas import SegmentError, TokenizedText, tokenize_kept
 from sedd_core.engine import ErrorOutput, FinalOutput, StepOutput
 from sedd_core.generation import GenerationError, check_encodable, make_job, new_seed
 from sedd_core.sampling import Job
-from sedd_core.tokenizers import MASK_PLACEHOLDER
+from sedd_core.tokenizers import MASK_PLACEHOLDER, Tokenizer
 
 from .. import submissions
 from ..auth import require_api_key
@@ -127,13 +128,15 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
 
 def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, seed: int) -> Job:
-    """`prompt`, a gap of max_tokens (or the rest of the canvas) and the suffix, as one job of n rows."""
+    """`prompt`, a gap of max_tokens (or the rest of the canvas) and the suffix, as one job of n rows. Prompt and
+    suffix are tokenized once, here: the job keeps those tokens."""
     lm, suffix = state.lm, body.suffix or ""
     try:
         check_encodable(lm, prompt=prompt, suffix=suffix)
     except GenerationError as exc:
         raise OpenAIError(400, str(exc), param="prompt" if lm.tokenizer.unknown_characters(prompt) else "suffix") from None
-    kept = len(lm.tokenizer.encode(prompt)) + len(lm.tokenizer.encode(suffix))
+    prompt_kept, suffix_kept = _tokenized(lm.tokenizer, "prompt", prompt), _tokenized(lm.tokenizer, "suffix", suffix)
+    kept = len(prompt_kept.tokens) + len(suffix_kept.tokens)
     gap = body.max_tokens if body.max_tokens is not None else lm.length - kept
     if kept + gap > lm.length or gap < 1:
         asked = f"max_tokens {body.max_tokens}" if body.max_tokens is not None else "at least 1 generated token"
@@ -143,9 +146,16 @@ def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, s
                           param="max_tokens" if body.max_tokens is not None else "prompt")
     try:
         return make_job(lm, num_samples=body.n, steps=steps, predictor=body.predictor, seed=seed,
-                        segments=[prompt, gap, suffix])
+                        segments=[prompt_kept, gap, suffix_kept])
     except GenerationError as exc:
         raise OpenAIError(400, str(exc), param="prompt") from None
+
+
+def _tokenized(tokenizer: Tokenizer, field: str, text: str) -> TokenizedText:
+    try:
+        return tokenize_kept(tokenizer, text)
+    except SegmentError as exc:  # e.g. a lone surrogate, which GPT-2 cannot give back
+        raise OpenAIError(400, f"the {field} {exc}", param=field) from None
 
 
 def _gap_length(job: Job) -> int:

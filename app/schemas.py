@@ -151,7 +151,9 @@ class Sample(BaseModel):
                     "the text between them was kept")
 
 
-class Timing(BaseModel):
+class RequestDurations(BaseModel):
+    """Where the seconds of one request went (the answer's `timing`)."""
+
     queued_s: float = Field(description="seconds waiting for rows")
     run_s: float = Field(description="seconds from the first step to the last")
     total_s: float = Field(description="seconds from submission to the answer")
@@ -166,7 +168,7 @@ class SampleResponse(BaseModel):
     predictor: str
     length: int = Field(description="tokens per sample (the canvas)")
     seed: int = Field(description="the seed used: send it back to reproduce this answer")
-    timing: Timing
+    timing: RequestDurations
 
 
 class InfillResponse(SampleResponse):

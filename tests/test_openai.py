@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 import pytest
 
 from app.outputs import GapStream
 from sedd_core.tokenizers import CharTokenizer, load_gpt2
+
+from helpers import metric, scrape
 
 MODEL = "tiny-five"
 SETTINGS = {"steps": 16}  # diffusion settings go in extra_body, as any SDK user sends them
@@ -108,9 +109,7 @@ def test_denoising_stream_carries_the_whole_canvas(client):
 
 
 def _cancelled(base_url: str) -> float:
-    metrics = httpx.get(base_url + "/metrics").text
-    return sum(float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith('sedd_requests_total{outcome="cancelled"}'))
+    return metric(scrape(base_url), "sedd_requests_total", outcome="cancelled")
 
 
 def test_a_client_that_leaves_a_stream_cancels_every_prompt(client, tiny_server, tiny_limits):

@@ -1,13 +1,10 @@
 """The output layer (app/outputs.py) and the limits check (app/limits.py), in-process on tiny-five."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from fastapi.exceptions import RequestValidationError
 
-import sedd_core
 from app.limits import check_limits, requested_steps
 from app.outputs import FixedPositions, RequestOutput
 from app.schemas import InfillRequest, InfillResponse, SampleRequest, default_steps
@@ -15,11 +12,6 @@ from app.settings import Settings
 from sedd_core.engine import Durations, FinalOutput, StepOutput
 from sedd_core.generation import generate, iterate, make_job
 from sedd_core.tokenizers import MASK_PLACEHOLDER
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_five: Path):
-    return sedd_core.load(str(tiny_five), device="cpu")
 
 
 def test_layout_comes_from_the_jobs_fixed_positions(lm):

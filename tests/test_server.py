@@ -16,51 +16,24 @@ from pathlib import Path
 import httpx
 import pytest
 import tomllib
-from httpx_sse import EventSource, connect_sse
-from prometheus_client.parser import text_string_to_metric_families
+from httpx_sse import connect_sse
+
+from helpers import (
+    MASK,
+    TIMEOUT,
+    metric,
+    multi_row_passes,
+    parse_metrics,
+    post,
+    scrape,
+    stream,
+    without_id_and_timing,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
-MASK = "\u2591"
-TIMEOUT = httpx.Timeout(60.0)
-
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def post(base: str, path: str, body, **kwargs) -> httpx.Response:
-    return httpx.post(base + path, json=body, timeout=TIMEOUT, **kwargs)
-
-
-def stream(base: str, path: str, body: dict, headers: dict | None = None) -> list[tuple[str, dict]]:
-    """(event, data) of every SSE event until the stream ends (no Accept header unless `headers` has one)."""
-    with httpx.Client(timeout=TIMEOUT) as client, \
-            client.stream("POST", base + path, json=body, headers=headers) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        return [(event.event, json.loads(event.data)) for event in EventSource(response).iter_sse()]
-
-
-def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def scrape(base: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    return parse_metrics(httpx.get(base + "/metrics", headers=headers, timeout=TIMEOUT).text)
-
-
-def metric(values: dict, name: str, **labels: str) -> float:
-    return values[(name, tuple(sorted(labels.items())))]
-
-
-def multi_row_passes(values: dict) -> float:
-    """Passes that held more than one row, from the sedd_rows_per_pass histogram."""
-    return metric(values, "sedd_rows_per_pass_count") - metric(values, "sedd_rows_per_pass_bucket", le="1.0")
-
-
-def without_id_and_timing(answer: dict) -> dict:
-    return {k: v for k, v in answer.items() if k not in ("id", "timing")}
-
-
 def check_stream(events: list[tuple[str, dict]], steps: int) -> dict:
     """Steps increase, masks only ever decrease, exactly one `done` comes last; returns its data."""
     kinds = [kind for kind, _ in events]

@@ -29,7 +29,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sedd_core
@@ -87,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.getLogger("sedd.server").warning("SEDD_FAULT_INJECTION is on: POST /_faults can fail model passes "
                                                  "(for tests only)")
         app.include_router(faults.router)
-    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR, check_dir=False), name="static")
+    app.mount("/static", pages.static_files(), name="static")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _unreadable_body)
     app.add_exception_handler(OpenAIError, _openai_error)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .schemas import MAX_SEED, integral_number
+from .schemas import MAX_SEED, documented_errors, integral_number
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -53,6 +53,25 @@ class ErrorBody(BaseModel):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "invalid input or a refused OpenAI parameter; `error.param` names the field",
+    401: "missing or wrong API key (when the server has one)",
+    404: "no model of that name is served here (GET /v1/models)",
+    413: "request body over SEDD_MAX_BODY_BYTES (FastAPI's {\"detail\"} shape: refused before routing)",
+    500: "the generation failed (a fault in its model pass); other requests are not affected",
+    503: "model loading, queue full or shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a /v1 route for these error statuses (413 among them: it comes before routing,
+    in FastAPI's shape)."""
+    answers = documented_errors(ErrorBody, {status: ERROR_DESCRIPTIONS[status] for status in statuses})
+    answers[413].update(model=None, content={"application/json": {"schema": {
+        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}})
+    return answers
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------

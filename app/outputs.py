@@ -2,7 +2,7 @@
 
 The engine's worker thread never decodes (sedd_core.engine emits token ids); every generation
 endpoint turns the records of its submission into its own shapes through one `RequestOutput`.
-What a request held fixed comes from its job (`Job.fixed`) as a `Layout`, so the same code serves
+What a request held fixed comes from its job (`Job.fixed`) as `FixedPositions`, so the same code serves
 a prefix and suffix, or fixed text at any positions.
 """
 from __future__ import annotations
@@ -20,20 +20,20 @@ from sedd_core.loading import LoadedModel
 from sedd_core.sampling import Job
 from sedd_core.tokenizers import GPT2Tokenizer, Tokenizer
 
-from .schemas import Sample, SampleResponse, StepEvent, StepSample, Timing
+from .schemas import RequestDurations, Sample, SampleResponse, StepEvent, StepSample
 
 Response = TypeVar("Response", bound=SampleResponse)
 TIMING_DIGITS = 4
 
 
 @dataclass(frozen=True)
-class Layout:
+class FixedPositions:
     """Which positions of a canvas a job holds fixed (its prompt); the others are generated."""
 
     fixed: tuple[bool, ...]
 
     @classmethod
-    def of(cls, job: Job) -> Layout:
+    def of(cls, job: Job) -> FixedPositions:
         if job.fixed is None:
             return cls((False,) * job.length)
         return cls(tuple(job.fixed.tolist()))
@@ -85,8 +85,8 @@ class RequestOutput:
 
     def __init__(self, lm: LoadedModel, job: Job, *, pieces: bool = False):
         self.lm = lm
-        self.layout = Layout.of(job)
-        self.gaps = job.gaps or self.layout.gaps  # the job's own gaps tell adjacent gaps apart
+        self.positions = FixedPositions.of(job)
+        self.gaps = job.gaps or self.positions.gaps  # the job's own gaps tell adjacent gaps apart
         self.rows, self.steps, self.predictor = job.rows, job.steps, job.predictor
         self.pieces = pieces  # per-position display strings in step events
 
@@ -99,8 +99,8 @@ class RequestOutput:
         for sample, row in zip(samples, record.tokens.tolist()):
             sample.pieces = token_pieces(self.lm, row)
         return StepEvent(step=record.step, steps=record.steps, t=record.t, samples=samples,
-                         prefix_tokens=self.layout.prefix_tokens, suffix_tokens=self.layout.suffix_tokens,
-                         fixed=list(self.layout.fixed))
+                         prefix_tokens=self.positions.prefix_tokens, suffix_tokens=self.positions.suffix_tokens,
+                         fixed=list(self.positions.fixed))
 
     # ---- the result --------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor) -> list[DecodedSample]:
@@ -114,10 +114,10 @@ class RequestOutput:
         timing = record.timing
         samples = [Sample(text=s.text, spans=s.spans) for s in self.decode(record.tokens)]
         return answer(model=self.lm.name, samples=samples,
-                      num_samples=self.rows, steps=self.steps, predictor=self.predictor, length=self.layout.length,
-                      timing=Timing(queued_s=round(timing.queued_s, TIMING_DIGITS),
-                                    run_s=round(timing.run_s, TIMING_DIGITS),
-                                    total_s=round(timing.total_s, TIMING_DIGITS)),
+                      num_samples=self.rows, steps=self.steps, predictor=self.predictor, length=self.positions.length,
+                      timing=RequestDurations(queued_s=round(timing.queued_s, TIMING_DIGITS),
+                                              run_s=round(timing.run_s, TIMING_DIGITS),
+                                              total_s=round(timing.total_s, TIMING_DIGITS)),
                       **fields)
 
 

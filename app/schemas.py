@@ -6,7 +6,7 @@ model's length) are checked per request and listed by GET /v1/model.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -151,7 +151,9 @@ class Sample(BaseModel):
                     "the text between them was kept")
 
 
-class Timing(BaseModel):
+class RequestDurations(BaseModel):
+    """Where the seconds of one request went (the answer's `timing`)."""
+
     queued_s: float = Field(description="seconds waiting for rows")
     run_s: float = Field(description="seconds from the first step to the last")
     total_s: float = Field(description="seconds from submission to the answer")
@@ -166,7 +168,7 @@ class SampleResponse(BaseModel):
     predictor: str
     length: int = Field(description="tokens per sample (the canvas)")
     seed: int = Field(description="the seed used: send it back to reproduce this answer")
-    timing: Timing
+    timing: RequestDurations
 
 
 class InfillResponse(SampleResponse):
@@ -211,6 +213,15 @@ class ErrorEvent(BaseModel):
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
 WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`: send `Authorization: Bearer <key>`",
                                          "schema": {"type": "string"}}}
+ERROR_HEADERS = {401: WWW_AUTHENTICATE, 503: RETRY_AFTER}
+
+
+def documented_errors(body: type[BaseModel], descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI `responses` for error statuses whose body is `body` (FastAPI's {"detail"} or OpenAI's
+    {"error"}), with the headers a 401 and a 503 carry."""
+    return {status: {"model": body, "description": description,
+                     **({"headers": ERROR_HEADERS[status]} if status in ERROR_HEADERS else {})}
+            for status, description in descriptions.items()}
 
 
 class ErrorResponse(BaseModel):

@@ -1,4 +1,6 @@
-"""A route's side of the engine: submit a job, then follow its records as a stream or wait for the last.
+"""A route's side of the engine: submit a job (or several, all or none), then follow its records as a stream
+(one submission's, or several merged) or wait for the last; whatever way a reader leaves early cancels what
+it was reading.
 
 Every generation endpoint goes through here, whatever shapes it answers with (app/outputs.py builds
 those). HTTP errors for the engine's refusals and failures are decided here once: a full queue or a
@@ -31,8 +33,29 @@ SHUTDOWN_RETRY_AFTER_S = 5
 STEP_BACKLOG = 16  # step records a streaming reader may fall behind before it gets only the latest
 
 
-def submit(state: ServerState, job: Job, stream_every: int) -> Submission:
-    return _submitted(lambda: state.engine.submit(job, stream_every=stream_every), state)
+def submit(state: ServerState, job: Job, stream_every: int | None) -> Submission:
+    """`stream_every`: a step record every this many steps; None: none, only the final record."""
+    every = job.steps + 1 if stream_every is None else stream_every  # a period past the last step makes none
+    return _submitted(lambda: state.engine.submit(job, stream_every=every), state)
+
+
+def submit_all(state: ServerState, jobs: list[Job], stream_every: int | None) -> list[Submission]:
+    """One submission per job, all or none: a refused one cancels those submitted before it."""
+    running: list[Submission] = []
+    try:
+        for job in jobs:
+            running.append(submit(state, job, stream_every))
+    except BaseException:
+        cancel_unfinished(running)
+        raise
+    return running
+
+
+def cancel_unfinished(running: list) -> None:
+    """Cancel every submission not finished yet: its rows leave the batch before the next step."""
+    for submission in running:
+        if not submission.finished:
+            submission.cancel()
 
 
 def submit_work(state: ServerState, work: ChunkedWork, chunk_rows: int) -> WorkSubmission:
@@ -71,8 +94,30 @@ async def follow(submission: Submission) -> AsyncIterator[EngineOutput]:
                 yield final
                 return
     finally:
-        if not submission.finished:
-            submission.cancel()  # its rows leave the batch before the next step
+        cancel_unfinished([submission])
+
+
+async def follow_all(running: list[Submission]) -> AsyncIterator[tuple[int, EngineOutput]]:
+    """(index of the submission, record) of several submissions as their records arrive, up to the final
+    record of each; leaving early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, submission: Submission) -> None:
+        async for record in follow(submission):
+            await queue.put((i, record))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(running)]
+    try:
+        left = len(running)
+        while left:
+            i, record = await queue.get()
+            yield i, record
+            if not isinstance(record, StepOutput):
+                left -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        cancel_unfinished(running)
 
 
 async def result(submission: Submission, request: Request) -> FinalOutput | None:
@@ -118,9 +163,7 @@ async def results(running: list, request: Request) -> list[EngineOutput] | None:
     finally:
         for task in (waiting, gone):
             task.cancel()
-        for submission in running:
-            if not submission.finished:
-                submission.cancel()
+        cancel_unfinished(running)
     for record in records:
         if isinstance(record, ErrorOutput):
             raise error_status(record)

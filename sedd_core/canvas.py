@@ -6,7 +6,8 @@ of text and generates 70 tokens between and around them. Kept text is tokenized 
 segment, so it lands exactly where the list puts it (for GPT-2 the pieces are tokenized on their
 own, which may differ from how the whole text would be tokenized; the characters are the same).
 Empty strings are allowed and take no positions (so `[prefix, gap, suffix]` works with either
-empty); they still count towards MAX_SEGMENTS.
+empty); they still count towards MAX_SEGMENTS. Kept text may also come already tokenized
+(`tokenize_kept`), when a gap's size depends on how many tokens it takes.
 
 `rewrite_segments` turns "regenerate these character spans of this text" into segments, and
 `text_and_spans` turns a finished row back into its text and the character ranges of its gaps.
@@ -20,7 +21,18 @@ from dataclasses import dataclass
 from .tokenizers import GPT2Tokenizer, Tokenizer
 
 MAX_SEGMENTS = 64
-Segment = str | int
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """Kept text tokenized once by `tokenize_kept`, for a caller that needs its size before it lays the canvas
+    out: `lay_out` places these tokens as they are."""
+
+    text: str
+    tokens: tuple[int, ...]
+
+
+Segment = str | int | TokenizedText
 
 
 class SegmentError(ValueError):
@@ -58,7 +70,7 @@ def check_segments(segments: object) -> list[Segment]:
         raise SegmentError(f"segment {MAX_SEGMENTS} ({_show(segments[MAX_SEGMENTS])}) is one too many: "
                            f"at most {MAX_SEGMENTS} segments, got {len(segments)}")
     for i, item in enumerate(segments):
-        if isinstance(item, bool) or not isinstance(item, (str, int)):
+        if isinstance(item, bool) or not isinstance(item, (str, int, TokenizedText)):
             raise SegmentError(f"segment {i} is {_show(item)} ({type(item).__name__}); a segment is a string "
                                "(text kept exactly) or a whole number (a gap of that many tokens)")
         if isinstance(item, int) and item < 1:
@@ -68,14 +80,24 @@ def check_segments(segments: object) -> list[Segment]:
     return segments
 
 
-def _kept_problem(tokenizer: Tokenizer, text: str) -> str | None:
-    """Why `text` cannot be kept exactly by itself, or None."""
+def _kept_problem(tokenizer: Tokenizer, text: str, tokens: list[int] | None = None) -> str | None:
+    """Why `text` (encoded as `tokens`, when given) cannot be kept exactly by itself, or None."""
     unknown = tokenizer.unknown_characters(text)
     if unknown:
         return f"holds characters this model's vocabulary cannot encode: {', '.join(repr(c) for c in unknown[:20])}"
-    if tokenizer.decode(tokenizer.encode(text)) != text:  # e.g. a lone surrogate: GPT-2 writes U+FFFD instead
+    tokens = tokenizer.encode(text) if tokens is None else tokens
+    if tokenizer.decode(tokens) != text:  # e.g. a lone surrogate: GPT-2 writes U+FFFD instead
         return "does not decode back to itself after encoding (a lone surrogate or other invalid character?)"
     return None
+
+
+def tokenize_kept(tokenizer: Tokenizer, text: str) -> TokenizedText:
+    """`text` as a segment of kept text, tokenized once; a SegmentError says why it cannot be kept exactly."""
+    tokens = tokenizer.encode(text)
+    problem = _kept_problem(tokenizer, text, tokens)
+    if problem:
+        raise SegmentError(f"{_show(text)} {problem}")
+    return TokenizedText(text, tuple(tokens))
 
 
 def lay_out(tokenizer: Tokenizer, segments: object, max_length: int) -> PlacedSegments:
@@ -87,10 +109,14 @@ def lay_out(tokenizer: Tokenizer, segments: object, max_length: int) -> PlacedSe
         if isinstance(item, int):
             encoded.append(item)
             continue
-        problem = _kept_problem(tokenizer, item)
+        if isinstance(item, TokenizedText):
+            encoded.append(list(item.tokens))
+            continue
+        tokens = tokenizer.encode(item)
+        problem = _kept_problem(tokenizer, item, tokens)
         if problem:
             problems.append(f"segment {i} ({_show(item)}) {problem}")
-        encoded.append(tokenizer.encode(item))
+        encoded.append(tokens)
     if problems:
         raise SegmentError("; ".join(problems))
     sizes = [piece if isinstance(piece, int) else len(piece) for piece in encoded]

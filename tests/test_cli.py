@@ -9,12 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SEDD = [sys.executable, "-m", "sedd_cli"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SEDD, *args], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+from helpers import sedd as run
 
 
 def test_infill_json_keeps_prefix_and_suffix(tiny_five):

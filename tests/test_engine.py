@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,13 +35,13 @@ class Recorder:
         self.outcomes.append(outcome)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_five: Path):
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
     # One intra-op thread, as the server runs on a small CPU host: with two, a shared 2-core machine
     # makes every tiny pass wait on a busy core (tens of ms instead of a few).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield sedd_core.load(str(tiny_five), device="cpu")
+    yield
     torch.set_num_threads(threads)
 
 

@@ -10,12 +10,6 @@ import torch
 import sedd_core
 from sedd_core.generation import GenerationError, iterate, make_job
 
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_five):
-    return sedd_core.load(tiny_five, device="cpu")
-
-
 UPSTREAM = {
     "uncond-analytic-32": dict(steps=32, predictor="analytic"),
     "uncond-euler-64": dict(steps=64, predictor="euler"),
@@ -26,11 +20,11 @@ UPSTREAM = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(UPSTREAM))
-def test_shares_match_the_authors_sampler(tiny_five, tiny_lm, total_variation, name):
+def test_shares_match_the_authors_sampler(tiny_five, lm, total_variation, name):
     """2,000 samples: TV over the frequent strings within sampling noise of the authors' 2,000."""
     upstream = json.loads((tiny_five / "upstream_samples.json").read_text())["samples"][name]
     n = 2000
-    texts = sedd_core.generate(tiny_lm, num_samples=n, seed=1234, **UPSTREAM[name])
+    texts = sedd_core.generate(lm, num_samples=n, seed=1234, **UPSTREAM[name])
     ours = Counter(texts)
     # Two independent 2,000-sample estimates of the same ~100-string distribution differ by about
     # 0.02-0.04 in TV over the strings above 0.5 %; a sampler with a wrong formula (say, no
@@ -40,40 +34,40 @@ def test_shares_match_the_authors_sampler(tiny_five, tiny_lm, total_variation, n
     assert ours.most_common(1)[0][0] == top_upstream
 
 
-def test_seeded_sample_is_identical_when_run_twice(tiny_lm):
-    a = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7)
-    b = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7)
-    c = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=8)
+def test_seeded_sample_is_identical_when_run_twice(lm):
+    a = sedd_core.generate(lm, num_samples=4, steps=16, seed=7)
+    b = sedd_core.generate(lm, num_samples=4, steps=16, seed=7)
+    c = sedd_core.generate(lm, num_samples=4, steps=16, seed=8)
     assert a == b
     assert a != c
 
 
-def test_infill_keeps_prefix_and_suffix(tiny_lm):
-    texts = sedd_core.generate(tiny_lm, num_samples=8, steps=16, seed=3, prefix="sc", suffix="os")
+def test_infill_keeps_prefix_and_suffix(lm):
+    texts = sedd_core.generate(lm, num_samples=8, steps=16, seed=3, prefix="sc", suffix="os")
     assert all(t.startswith("sc") and t.endswith("os") and len(t) == 12 for t in texts)
 
 
-def test_callback_sees_masks_only_decrease(tiny_lm):
+def test_callback_sees_masks_only_decrease(lm):
     left = []
-    sedd_core.generate(tiny_lm, num_samples=2, steps=8, seed=0,
-                       callback=lambda job: left.append(int((job.x == tiny_lm.mask_id).sum())))
+    sedd_core.generate(lm, num_samples=2, steps=8, seed=0,
+                       callback=lambda job: left.append(int((job.x == lm.mask_id).sum())))
     assert len(left) == 9 and left[-1] == 0
     assert all(a >= b for a, b in zip(left, left[1:]))
 
 
-def test_bad_input_is_a_clear_error(tiny_lm):
+def test_bad_input_is_a_clear_error(lm):
     with pytest.raises(GenerationError, match="leave no room on a canvas of 12 tokens"):
-        make_job(tiny_lm, prefix="hello ", suffix="world!")
+        make_job(lm, prefix="hello ", suffix="world!")
     with pytest.raises(GenerationError, match="length must be between 1 and 12"):
-        make_job(tiny_lm, length=13)
+        make_job(lm, length=13)
     with pytest.raises(GenerationError, match="cannot encode: the prefix holds 'é'$"):
-        make_job(tiny_lm, prefix="é")
+        make_job(lm, prefix="é")
     with pytest.raises(GenerationError, match="the prefix holds 'ä', 'é'; the suffix holds '€'"):
-        make_job(tiny_lm, prefix="éä", suffix="€")
+        make_job(lm, prefix="éä", suffix="€")
     with pytest.raises(GenerationError, match="predictor must be one of"):
-        make_job(tiny_lm, predictor="ddpm")
+        make_job(lm, predictor="ddpm")
     with pytest.raises(GenerationError, match="steps must be at least 1"):
-        make_job(tiny_lm, steps=0)
+        make_job(lm, steps=0)
 
 
 def test_gpt2_infill_keeps_prompt_token_exact(tmp_path, gpt2_vocab, tiny_config, write_oxen_folder):

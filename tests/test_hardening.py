@@ -10,9 +10,9 @@ import time
 
 import httpx
 import pytest
-import torch
 from httpx_sse import aconnect_sse
-from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import metric, parse_metrics
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,13 +56,11 @@ async def stream_outcome(http: httpx.AsyncClient, path: str, body: dict, started
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, tuple], float]:
-    text = (await http.get("/metrics")).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return parse_metrics((await http.get("/metrics")).text)
 
 
 def requests_total(values: dict, outcome: str) -> float:
-    return values[("sedd_requests_total", (("outcome", outcome),))]
+    return metric(values, "sedd_requests_total", outcome=outcome)
 
 
 # ---- overload ---------------------------------------------------------------------------------------
@@ -279,15 +277,10 @@ async def test_numbers_and_bodies_as_the_schema_reads_them(access_client):
     assert garbled.status_code == 422 and "not UTF-8" in garbled.json()["detail"], garbled.text
 
 
-def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path, start_server, tiny_five):
+def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(start_server, pickled_model):
     """SEDD_MODEL names a folder whose checkpoint needs full unpickling: the server does not start (its
     /health says `failed`, its log names the opt-in); with SEDD_ALLOW_PICKLE=1 it starts."""
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    (folder / "config.yaml").write_text((tiny_five / "config.yaml").read_text())
-    weights = torch.load(tiny_five / "checkpoint.pth", weights_only=True)
-    torch.save({"model": weights, "extra": _Unsafe()}, folder / "checkpoint.pth")
-
+    folder = pickled_model
     with pytest.raises(RuntimeError, match="failed to load|exited") as refused:  # conftest's ServerFailed
         with start_server(folder, warmup="false", startup_timeout=60):
             pass
@@ -295,11 +288,6 @@ def test_a_checkpoint_that_needs_pickle_is_refused_unless_allowed(tmp_path, star
     with start_server(folder, warmup="false", SEDD_ALLOW_PICKLE=1) as url:
         assert httpx.get(url + "/health").json()["status"] == "ok"
         assert httpx.post(url + "/sample", json={"steps": 4}).status_code == 200
-
-
-class _Unsafe:
-    def __reduce__(self):
-        return (print, ("unpickled",))
 
 
 # ---- load -------------------------------------------------------------------------------------------

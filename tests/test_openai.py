@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 import pytest
 
 from app.outputs import GapStream
 from sedd_core.tokenizers import CharTokenizer, load_gpt2
+
+from helpers import metric, scrape
 
 MODEL = "tiny-five"
 SETTINGS = {"steps": 16}  # diffusion settings go in extra_body, as any SDK user sends them
@@ -108,9 +109,7 @@ def test_denoising_stream_carries_the_whole_canvas(client):
 
 
 def _cancelled(base_url: str) -> float:
-    metrics = httpx.get(base_url + "/metrics").text
-    return sum(float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith('sedd_requests_total{outcome="cancelled"}'))
+    return metric(scrape(base_url), "sedd_requests_total", outcome="cancelled")
 
 
 def test_a_client_that_leaves_a_stream_cancels_every_prompt(client, tiny_server, tiny_limits):
@@ -161,6 +160,20 @@ def test_validation_errors_have_openais_shape(client, tiny_limits):
     with pytest.raises(openai.NotFoundError) as model:
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt="a")
     assert model.value.param == "model" and model.value.code == "model_not_found"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_tokens", [None, 4])
+async def test_prompt_and_suffix_are_tokenized_once(tiny_client, monkeypatch, max_tokens):
+    """In-process (tiny_client): the job keeps the tokens the route counted, for usage and the gap's size."""
+    encoded = []
+    encode = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
+    body = {"model": MODEL, "prompt": "hel", "suffix": "!", "max_tokens": max_tokens, "steps": 4}
+    answer = await tiny_client.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == 4
+    assert sorted(encoded) == ["!", "hel"]
 
 
 def test_the_api_key(start_server, tiny_five):

@@ -1,15 +1,12 @@
 """The output layer (app/outputs.py) and the limits check (app/limits.py), in-process on tiny-five."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from fastapi.exceptions import RequestValidationError
 
-import sedd_core
 from app.limits import check_limits, requested_steps
-from app.outputs import Layout, RequestOutput
+from app.outputs import FixedPositions, RequestOutput
 from app.schemas import InfillRequest, InfillResponse, SampleRequest, default_steps
 from app.settings import Settings
 from sedd_core.engine import Durations, FinalOutput, StepOutput
@@ -17,20 +14,15 @@ from sedd_core.generation import generate, iterate, make_job
 from sedd_core.tokenizers import MASK_PLACEHOLDER
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_five: Path):
-    return sedd_core.load(str(tiny_five), device="cpu")
-
-
 def test_layout_comes_from_the_jobs_fixed_positions(lm):
-    infill = Layout.of(make_job(lm, steps=2, length=12, prefix="di", suffix="ok", seed=1))
+    infill = FixedPositions.of(make_job(lm, steps=2, length=12, prefix="di", suffix="ok", seed=1))
     assert infill.runs() == [(0, 2, True), (2, 10, False), (10, 12, True)]
     assert (infill.length, infill.prefix_tokens, infill.suffix_tokens) == (12, 2, 2)
-    only_suffix = Layout.of(make_job(lm, steps=2, length=12, suffix="ok", seed=1))
+    only_suffix = FixedPositions.of(make_job(lm, steps=2, length=12, suffix="ok", seed=1))
     assert (only_suffix.prefix_tokens, only_suffix.suffix_tokens) == (0, 2)
-    plain = Layout.of(make_job(lm, steps=2, length=6, seed=1))
+    plain = FixedPositions.of(make_job(lm, steps=2, length=6, seed=1))
     assert plain.runs() == [(0, 6, False)] and (plain.prefix_tokens, plain.suffix_tokens) == (0, 0)
-    inner = Layout((False, True, True, False, False, True, False))  # fixed text inside the canvas
+    inner = FixedPositions((False, True, True, False, False, True, False))  # fixed text inside the canvas
     assert inner.runs() == [(0, 1, False), (1, 3, True), (3, 5, False), (5, 6, True), (6, 7, False)]
     assert (inner.prefix_tokens, inner.suffix_tokens) == (0, 0)
 

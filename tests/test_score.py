@@ -18,11 +18,6 @@ TRAINING_STRINGS = ["hello world!", "diffusion ok", "masked chars", "score ratio
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_five):
-    return sedd_core.load(tiny_five, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def authors(reference) -> dict:
     """The authors' loss on tiny-five's strings (tests/data/reference/tiny-five-score/README.md)."""
     return json.loads((reference / "tiny-five-score" / "authors_loss.json").read_text())

@@ -8,16 +8,10 @@ import threading
 
 import pytest
 
-import sedd_core
 from sedd_core.evaluate import TextScores, score_texts
 
 TRAINING_STRINGS = ["hello world!", "diffusion ok", "masked chars", "score ratios", "tiny dataset"]
 FIELDS = {"text", "tokens", "nll_nats", "stderr_nats", "bits_per_token", "perplexity_bound"}
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_five):
-    return sedd_core.load(tiny_five, device="cpu")
 
 
 async def _score(client, **body) -> list[dict]:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,17 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sedd_core
-from sedd_core.canvas import MAX_SEGMENTS, SegmentError, lay_out, rewrite_segments, text_and_spans
+from sedd_core.canvas import (
+    MAX_SEGMENTS,
+    SegmentError,
+    lay_out,
+    rewrite_segments,
+    text_and_spans,
+    tokenize_kept,
+)
 from sedd_core.generation import GenerationError, iterate, make_job
 from sedd_core.tokenizers import CharTokenizer, load_gpt2
 
+from helpers import sedd
+
 PINNED = Path(__file__).parent / "data" / "reference" / "tiny-five-pinned"
 CHARS = CharTokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_five):
-    return sedd_core.load(tiny_five, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +55,13 @@ def pinned_segments(pins: dict[str, str], length: int) -> list:
 # ---- the distribution against the authors' sampler with pinned positions ----------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in PINNED.glob("*.json")))
-def test_pinned_shares_match_the_authors_sampler(tiny_lm, total_variation, name):
+def test_pinned_shares_match_the_authors_sampler(lm, total_variation, name):
     """2,000 samples with the characters the authors' proj_fun pinned, given as segments: TV over the frequent
     strings within sampling noise of their 2,000 (the bound of tests/test_generation.py)."""
     reference = json.loads((PINNED / f"{name}.json").read_text())
-    segments = pinned_segments(reference["pins"], tiny_lm.length)
+    segments = pinned_segments(reference["pins"], lm.length)
     n = 2000
-    texts = sedd_core.generate(tiny_lm, segments=segments, num_samples=n, steps=reference["steps"],
+    texts = sedd_core.generate(lm, segments=segments, num_samples=n, steps=reference["steps"],
                                predictor=reference["predictor"], seed=1234)
     ours, theirs = Counter(texts), reference["shares"]
     assert all(t[int(k)] == v for t in texts for k, v in reference["pins"].items())
@@ -74,26 +76,26 @@ def test_pinned_segments_follow_the_positions():
 
 
 # ---- kept text lands where the segments put it ------------------------------------------------------------
-def test_char_model_keeps_text_at_its_positions(tiny_lm):
+def test_char_model_keeps_text_at_its_positions(lm):
     segments = ["h", 3, " w", 2, "!"]
-    job = run_job(tiny_lm, segments=segments, num_samples=6, steps=8, seed=5)
+    job = run_job(lm, segments=segments, num_samples=6, steps=8, seed=5)
     assert job.length == 9 and job.gaps == ((1, 4), (6, 8))
     for row in job.x.tolist():
-        text, spans = text_and_spans(tiny_lm.tokenizer, row, job.gaps, tiny_lm.mask_id)
-        assert text == tiny_lm.tokenizer.decode(row) and len(text) == 9
+        text, spans = text_and_spans(lm.tokenizer, row, job.gaps, lm.mask_id)
+        assert text == lm.tokenizer.decode(row) and len(text) == 9
         assert text[0] == "h" and text[4:6] == " w" and text[8] == "!"
         assert spans == [(1, 4), (6, 8)]
 
 
-def test_prefix_and_suffix_are_shorthand_for_segments(tiny_lm):
+def test_prefix_and_suffix_are_shorthand_for_segments(lm):
     request = dict(num_samples=4, steps=8, seed=21)
-    assert (sedd_core.generate(tiny_lm, prefix="sc", suffix="os", **request)
-            == sedd_core.generate(tiny_lm, segments=["sc", 8, "os"], **request))
-    assert (sedd_core.generate(tiny_lm, length=7, prefix="d", **request)
-            == sedd_core.generate(tiny_lm, segments=["d", 6, ""], **request))
-    job = make_job(tiny_lm, prefix="sc", suffix="os")
+    assert (sedd_core.generate(lm, prefix="sc", suffix="os", **request)
+            == sedd_core.generate(lm, segments=["sc", 8, "os"], **request))
+    assert (sedd_core.generate(lm, length=7, prefix="d", **request)
+            == sedd_core.generate(lm, segments=["d", 6, ""], **request))
+    job = make_job(lm, prefix="sc", suffix="os")
     assert job.gaps == ((2, 10),)
-    assert make_job(tiny_lm).gaps == ((0, 12),) and make_job(tiny_lm).fixed is None
+    assert make_job(lm).gaps == ((0, 12),) and make_job(lm).fixed is None
 
 
 def test_gpt2_model_keeps_text_in_the_middle_token_exact(tmp_path, write_tiny_gpt2_model, gpt2_vocab):
@@ -204,13 +206,21 @@ def test_gpt2_refuses_text_that_does_not_survive_encoding(gpt2):
         lay_out(gpt2, ["a\ud800", 2], max_length=24)
 
 
-def test_make_job_reports_segment_errors_as_generation_errors(tiny_lm):
+def test_text_tokenized_beforehand_lays_out_as_the_text(gpt2):
+    kept = tokenize_kept(CHARS, "ab")
+    assert kept.tokens == tuple(CHARS.encode("ab"))
+    assert lay_out(CHARS, [kept, 3, tokenize_kept(CHARS, "")], max_length=12) == lay_out(CHARS, ["ab", 3, ""], 12)
+    with pytest.raises(SegmentError, match=r"'a\\ud800' does not decode back to itself"):
+        tokenize_kept(gpt2, "a\ud800")
+
+
+def test_make_job_reports_segment_errors_as_generation_errors(lm):
     with pytest.raises(GenerationError, match="give either segments or prefix/suffix/length, not both"):
-        make_job(tiny_lm, segments=["a", 3], prefix="x")
+        make_job(lm, segments=["a", 3], prefix="x")
     with pytest.raises(GenerationError, match="not both"):
-        make_job(tiny_lm, segments=["a", 3], length=4)
+        make_job(lm, segments=["a", 3], length=4)
     with pytest.raises(GenerationError, match="segment 1 is a gap of 0 tokens"):
-        make_job(tiny_lm, segments=["a", 0])
+        make_job(lm, segments=["a", 0])
 
 
 # ---- rewriting spans ----------------------------------------------------------------------------------------
@@ -262,22 +272,17 @@ def test_rewrite_refuses_kept_text_the_vocabulary_cannot_encode():
     assert rewrite_segments(CHARS, "héllo", [[1, 2]]) == ["h", 1, "llo"]
 
 
-def test_rewrite_run_changes_only_the_span(tiny_lm):
+def test_rewrite_run_changes_only_the_span(lm):
     text = "hello world!"
-    job = run_job(tiny_lm, segments=rewrite_segments(tiny_lm.tokenizer, text, [[2, 4], [6, 9]]),
+    job = run_job(lm, segments=rewrite_segments(lm.tokenizer, text, [[2, 4], [6, 9]]),
                   num_samples=4, steps=8, seed=3)
     for row in job.x.tolist():
-        new, spans = text_and_spans(tiny_lm.tokenizer, row, job.gaps, tiny_lm.mask_id)
+        new, spans = text_and_spans(lm.tokenizer, row, job.gaps, lm.mask_id)
         assert spans == [(2, 4), (6, 9)]
         assert new[:2] + new[4:6] + new[9:] == "he" + "o " + "ld!"
 
 
 # ---- the command line --------------------------------------------------------------------------------------
-def sedd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sedd_cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
-
-
 def test_cli_infill_with_segments(tiny_five):
     out = sedd("infill", "--model", str(tiny_five), "--segments", '[2, "s", 7, "o", 1]', "--steps", "8",
                "--num-samples", "2", "--seed", "4", "--json")

@@ -6,19 +6,16 @@ token per character), so a gap of N tokens is N characters of text.
 """
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from httpx_sse import EventSource
-from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import MASK, multi_row_passes, parse_metrics, post, stream, without_id_and_timing
 
 pytestmark = pytest.mark.timeout(180)
 
-MASK = "\u2591"
-TIMEOUT = httpx.Timeout(60.0)
 SEGMENTS = ["h", 3, "o w", 4, "!"]  # 12 tokens: "h" + 3 generated + "o w" + 4 generated + "!"
 
 
@@ -50,35 +47,9 @@ def check_sample(sample: dict, segments: list) -> None:
     assert MASK not in text
 
 
-def metric_values(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def requests_seen(values: dict) -> float:
     """Requests the engine finished, whatever their outcome."""
     return sum(v for (name, _), v in values.items() if name == "sedd_requests_total")
-
-
-def multi_row_passes(values: dict) -> float:
-    """Passes that held more than one row, from the sedd_rows_per_pass histogram."""
-    return (values[("sedd_rows_per_pass_count", ())]
-            - values[("sedd_rows_per_pass_bucket", (("le", "1.0"),))])
-
-
-def post(base: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(base + path, json=body, timeout=TIMEOUT)
-
-
-def stream(base: str, path: str, body: dict) -> list[tuple[str, dict]]:
-    with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", base + path, json=body) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        return [(event.event, json.loads(event.data)) for event in EventSource(response).iter_sse()]
-
-
-def without_id_and_timing(answer: dict) -> dict:
-    return {k: v for k, v in answer.items() if k not in ("id", "timing")}
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +125,13 @@ async def test_bad_segments_are_a_422_that_names_the_segment_and_reach_no_engine
 
 async def assert_refused_before_the_engine(client, path: str, body: dict, words: list[str]) -> None:
     """A 422 whose detail holds every one of `words`, and no request counted by the engine's metrics."""
-    before = requests_seen(metric_values((await client.get("/metrics")).text))
+    before = requests_seen(parse_metrics((await client.get("/metrics")).text))
     response = await client.post(path, json=body)
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     for word in words:
         assert word in detail, (word, detail)
-    assert requests_seen(metric_values((await client.get("/metrics")).text)) == before
+    assert requests_seen(parse_metrics((await client.get("/metrics")).text)) == before
 
 
 # ---- /rewrite (in-process) ----------------------------------------------------------------------------
@@ -281,7 +252,7 @@ def test_segments_and_rewrite_stream_like_infill(tiny_server):
 def test_a_seeded_template_gives_the_same_text_alone_and_under_load(tiny_server):
     template = {"segments": ["d", 5, " o", 4], "num_samples": 2, "steps": 40, "seed": 77}
     alone = post(tiny_server, "/infill", template).json()["samples"]
-    before = metric_values(httpx.get(tiny_server + "/metrics").text)
+    before = parse_metrics(httpx.get(tiny_server + "/metrics").text)
     others = [{"steps": 40, "seed": seed} for seed in range(6)] + [{"prefix": "sc", "steps": 40, "seed": 6}]
     barrier = threading.Barrier(len(others) + 1)
 
@@ -293,7 +264,7 @@ def test_a_seeded_template_gives_the_same_text_alone_and_under_load(tiny_server)
 
     with ThreadPoolExecutor(len(others) + 1) as pool:
         answers = list(pool.map(client, range(len(others) + 1)))
-    after = metric_values(httpx.get(tiny_server + "/metrics").text)
+    after = parse_metrics(httpx.get(tiny_server + "/metrics").text)
     assert answers[-1] == alone
     # Every other request has one row and the template two: a pass of more than two rows held several.
     assert multi_row_passes(after) > multi_row_passes(before)

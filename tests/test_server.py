@@ -7,6 +7,7 @@ Both are fixtures of tests/conftest.py; `tiny_limits` are the limits of both tin
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,51 +15,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import EventSource, connect_sse
-from prometheus_client.parser import text_string_to_metric_families
+import tomllib
+from httpx_sse import connect_sse
+
+from helpers import (
+    MASK,
+    TIMEOUT,
+    metric,
+    multi_row_passes,
+    parse_metrics,
+    post,
+    scrape,
+    stream,
+    without_id_and_timing,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
-MASK = "\u2591"
-TIMEOUT = httpx.Timeout(60.0)
-
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def post(base: str, path: str, body, **kwargs) -> httpx.Response:
-    return httpx.post(base + path, json=body, timeout=TIMEOUT, **kwargs)
-
-
-def stream(base: str, path: str, body: dict, headers: dict | None = None) -> list[tuple[str, dict]]:
-    """(event, data) of every SSE event until the stream ends (no Accept header unless `headers` has one)."""
-    with httpx.Client(timeout=TIMEOUT) as client, \
-            client.stream("POST", base + path, json=body, headers=headers) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        return [(event.event, json.loads(event.data)) for event in EventSource(response).iter_sse()]
-
-
-def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def scrape(base: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    return parse_metrics(httpx.get(base + "/metrics", headers=headers, timeout=TIMEOUT).text)
-
-
-def metric(values: dict, name: str, **labels: str) -> float:
-    return values[(name, tuple(sorted(labels.items())))]
-
-
-def multi_row_passes(values: dict) -> float:
-    """Passes that held more than one row, from the sedd_rows_per_pass histogram."""
-    return metric(values, "sedd_rows_per_pass_count") - metric(values, "sedd_rows_per_pass_bucket", le="1.0")
-
-
-def without_id_and_timing(answer: dict) -> dict:
-    return {k: v for k, v in answer.items() if k not in ("id", "timing")}
-
-
 def check_stream(events: list[tuple[str, dict]], steps: int) -> dict:
     """Steps increase, masks only ever decrease, exactly one `done` comes last; returns its data."""
     kinds = [kind for kind, _ in events]
@@ -92,6 +67,29 @@ async def test_health_model_docs_and_page(tiny_client, tiny_limits):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     metrics = parse_metrics((await tiny_client.get("/metrics")).text)
     assert metric(metrics, "sedd_running_rows") == 0 and metric(metrics, "sedd_queue_depth") == 0
+
+
+@pytest.mark.anyio
+async def test_the_pages_modules_are_served_as_javascript_and_packaged(tiny_client, repo_root):
+    """The page is native ES modules: a browser runs one only when it comes with a JavaScript type, and a
+    wheel without one of them serves a dead page."""
+    page = (await tiny_client.get("/")).text
+    pending = re.findall(r'<script type="module" src="static/([\w.-]+)"', page)
+    assert pending == ["main.js"], page
+    served = set()
+    while pending:
+        name = pending.pop()
+        served.add(name)
+        module = await tiny_client.get(f"/static/{name}")
+        assert module.status_code == 200, name
+        assert module.headers["content-type"].startswith("text/javascript"), (name, module.headers["content-type"])
+        pending += [found for found in re.findall(r'^import .* from "\./([\w.-]+)";$', module.text, re.M)
+                    if found not in served]
+    assert len(served) > 1  # main.js imports the others
+    globs = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
+    packaged = {path for glob in globs for path in (repo_root / "app").glob(glob) if path.is_file()}
+    static = {path for path in (repo_root / "app" / "static").rglob("*") if path.is_file()}
+    assert static <= packaged, sorted(str(path) for path in static - packaged)
 
 
 # ---- JSON (in-process) and SSE (tiny_server) for both endpoints -------------------------------------

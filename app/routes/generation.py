@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from sedd_core.canvas import SegmentError, rewrite_segments
 from sedd_core.engine import EngineOutput, FinalOutput, StepOutput
@@ -24,8 +24,6 @@ from ..auth import require_api_key
 from ..limits import check_limits, requested_steps
 from ..outputs import RequestOutput
 from ..schemas import (
-    RETRY_AFTER,
-    WWW_AUTHENTICATE,
     ErrorEvent,
     ErrorResponse,
     GenerationOptions,
@@ -36,13 +34,12 @@ from ..schemas import (
     SampleRequest,
     SampleResponse,
     StepEvent,
+    documented_errors,
 )
 from ..state import ReadyState, ServerState
+from ..streaming import client_closed, event_stream
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
-
-STREAM_GRACE_MARGIN_S = 5  # sse-starlette cuts streams this long after the drain timeout, as a last resort
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 SSE_EXAMPLE = (
     'event: step\ndata: {"step":1,"steps":4,"t":0.75,"samples":[{"text":"░░░lo░░░░░░!","masks_left":9}]}\n\n'
@@ -70,15 +67,15 @@ def responses(answer: type) -> dict[int | str, dict[str, Any]]:
                   "schema": {"oneOf": [_sse_event("step", StepEvent), _sse_event("done", answer),
                                        _sse_event("error", ErrorEvent)]},
                   "example": SSE_EXAMPLE}}},
-        401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)",
-              "headers": WWW_AUTHENTICATE},
-        413: {"model": ErrorResponse, "description": "request body over SEDD_MAX_BODY_BYTES"},
-        422: {"model": ErrorResponse, "description": "invalid input; `detail` says which field and what to change"},
-        500: {"model": ErrorResponse, "description": "the generation failed (a fault in its model pass); `detail` "
-                                                     "says why. Other requests are not affected"},
-        503: {"model": ErrorResponse, "description": "model loading, queue full or shutting down (also a request "
-                                                     "still running when the shutdown's drain timeout ends)",
-              "headers": RETRY_AFTER},
+        **documented_errors(ErrorResponse, {
+            401: "missing or wrong API key (when the server has one)",
+            413: "request body over SEDD_MAX_BODY_BYTES",
+            422: "invalid input; `detail` says which field and what to change",
+            500: "the generation failed (a fault in its model pass); `detail` says why. Other requests are not "
+                 "affected",
+            503: "model loading, queue full or shutting down (also a request still running when the shutdown's "
+                 "drain timeout ends)",
+        }),
     }
 
 
@@ -145,8 +142,7 @@ async def _generate(request: Request, state: ServerState, body: GenerationOption
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
 
     streaming = body.stream or "text/event-stream" in request.headers.get("accept", "")
-    # Without streaming no step records are wanted: a period past the last step means none are made.
-    submission = submissions.submit(state, job, body.stream_every if streaming else job.steps + 1)
+    submission = submissions.submit(state, job, body.stream_every if streaming else None)
     output = RequestOutput(lm, job, pieces=body.pieces and streaming)
     request_id = f"{kind}-{uuid.uuid4().hex[:24]}"
 
@@ -155,13 +151,10 @@ async def _generate(request: Request, state: ServerState, body: GenerationOption
 
     headers = {"X-Request-ID": request_id}
     if streaming:
-        return EventSourceResponse(_events(submission, output, answer), headers=headers,
-                                   ping=settings.stream_heartbeat_s,
-                                   # after the drain, which ends the stream with `error` itself
-                                   shutdown_grace_period=settings.drain_timeout_s + STREAM_GRACE_MARGIN_S)
+        return event_stream(_events(submission, output, answer), settings, headers)
     final = await submissions.result(submission, request)
     if final is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return client_closed()
     return Response(_json(answer(final)), media_type="application/json", headers=headers)
 
 

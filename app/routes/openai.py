@@ -7,21 +7,20 @@ on /v1/* have OpenAI's shape (app/main.py); this module raises `OpenAIError` for
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
+from sedd_core.canvas import SegmentError, TokenizedText, tokenize_kept
 from sedd_core.engine import ErrorOutput, FinalOutput, StepOutput
 from sedd_core.generation import GenerationError, check_encodable, make_job, new_seed
 from sedd_core.sampling import Job
-from sedd_core.tokenizers import MASK_PLACEHOLDER
+from sedd_core.tokenizers import MASK_PLACEHOLDER, Tokenizer
 
 from .. import submissions
 from ..auth import require_api_key
@@ -30,46 +29,23 @@ from ..openai_schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorBody,
     ModelCard,
     ModelList,
     OpenAIError,
     Usage,
     error_body,
+    error_responses,
     refused_parameter,
 )
 from ..outputs import GapStream, RequestOutput, cut_at_stop
-from ..schemas import MAX_SEED, RETRY_AFTER, WWW_AUTHENTICATE, default_steps
+from ..schemas import MAX_SEED, default_steps
 from ..state import ReadyState, ServerState
+from ..streaming import client_closed, event_stream
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
 STARTED = int(time.time())
-STREAM_GRACE_MARGIN_S = 5
-CLIENT_CLOSED_REQUEST = 499
 DONE = "[DONE]"
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        400: "invalid input or a refused OpenAI parameter; `error.param` names the field",
-        401: "missing or wrong API key (when the server has one)",
-        404: "no model of that name is served here (GET /v1/models)",
-        413: "request body over SEDD_MAX_BODY_BYTES (FastAPI's {\"detail\"} shape: refused before routing)",
-        500: "the generation failed (a fault in its model pass); other requests are not affected",
-        503: "model loading, queue full or shutting down",
-    }
-    answers: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        answers[status] = {"model": ErrorBody, "description": described[status]}
-        if status == 401:
-            answers[status]["headers"] = WWW_AUTHENTICATE
-        if status == 503:
-            answers[status]["headers"] = RETRY_AFTER
-    answers[413]["model"] = None
-    answers[413]["content"] = {"application/json": {"schema": {
-        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
-    return answers
 
 
 STREAM_DOC = {
@@ -131,25 +107,17 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
     # Deltas need step records only under the absorbing graph (a uniform-graph model streams its final text).
     wants_steps = body.stream and (body.denoising or lm.graph.absorb)
-    running = []
-    try:
-        for job in jobs:
-            running.append(submissions.submit(state, job, 1 if wants_steps else job.steps + 1))
-    except BaseException:
-        for submission in running:
-            submission.cancel()
-        raise
+    running = submissions.submit_all(state, jobs, 1 if wants_steps else None)
     reply = Reply(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=lm.name)
     headers = {"X-Request-ID": reply.id}
     outputs = [RequestOutput(lm, job) for job in jobs]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _stream(running, outputs, body, reply, usage if include_usage else None, state)
-        return EventSourceResponse(events, headers=headers, ping=settings.stream_heartbeat_s,
-                                   shutdown_grace_period=settings.drain_timeout_s + STREAM_GRACE_MARGIN_S)
+        return event_stream(events, settings, headers)
     finals = await submissions.results(running, request)
     if finals is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return client_closed()
     choices = []
     for i, (output, final) in enumerate(zip(outputs, finals)):
         for j, decoded in enumerate(output.decode(final.tokens)):
@@ -160,13 +128,15 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
 
 def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, seed: int) -> Job:
-    """`prompt`, a gap of max_tokens (or the rest of the canvas) and the suffix, as one job of n rows."""
+    """`prompt`, a gap of max_tokens (or the rest of the canvas) and the suffix, as one job of n rows. Prompt and
+    suffix are tokenized once, here: the job keeps those tokens."""
     lm, suffix = state.lm, body.suffix or ""
     try:
         check_encodable(lm, prompt=prompt, suffix=suffix)
     except GenerationError as exc:
         raise OpenAIError(400, str(exc), param="prompt" if lm.tokenizer.unknown_characters(prompt) else "suffix") from None
-    kept = len(lm.tokenizer.encode(prompt)) + len(lm.tokenizer.encode(suffix))
+    prompt_kept, suffix_kept = _tokenized(lm.tokenizer, "prompt", prompt), _tokenized(lm.tokenizer, "suffix", suffix)
+    kept = len(prompt_kept.tokens) + len(suffix_kept.tokens)
     gap = body.max_tokens if body.max_tokens is not None else lm.length - kept
     if kept + gap > lm.length or gap < 1:
         asked = f"max_tokens {body.max_tokens}" if body.max_tokens is not None else "at least 1 generated token"
@@ -176,9 +146,16 @@ def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, s
                           param="max_tokens" if body.max_tokens is not None else "prompt")
     try:
         return make_job(lm, num_samples=body.n, steps=steps, predictor=body.predictor, seed=seed,
-                        segments=[prompt, gap, suffix])
+                        segments=[prompt_kept, gap, suffix_kept])
     except GenerationError as exc:
         raise OpenAIError(400, str(exc), param="prompt") from None
+
+
+def _tokenized(tokenizer: Tokenizer, field: str, text: str) -> TokenizedText:
+    try:
+        return tokenize_kept(tokenizer, text)
+    except SegmentError as exc:  # e.g. a lone surrogate, which GPT-2 cannot give back
+        raise OpenAIError(400, f"the {field} {exc}", param=field) from None
 
 
 def _gap_length(job: Job) -> int:
@@ -200,36 +177,12 @@ class Reply:
                                                                                else None))
 
 
-async def _merged(running: list) -> AsyncIterator[tuple[int, Any]]:
-    """(index of the submission, record) of several submissions as they arrive; leaving cancels them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, submission) -> None:
-        async for record in submissions.follow(submission):
-            await queue.put((i, record))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(running)]
-    try:
-        left = len(running)
-        while left:
-            i, record = await queue.get()
-            yield i, record
-            if not isinstance(record, StepOutput):
-                left -= 1
-    finally:
-        for task in tasks:
-            task.cancel()
-        for submission in running:
-            if not submission.finished:
-                submission.cancel()
-
-
 async def _stream(running: list, outputs: list[RequestOutput], body: CompletionRequest, reply: Reply,
                   usage: Usage | None, state: ServerState) -> AsyncIterator[ServerSentEvent]:
     lm, n = state.lm, body.n
     gaps = [[GapStream(lm.tokenizer, job_gap(output), lm.mask_id, body.stops) for _ in range(n)]
             for output in outputs]
-    async with aclosing(_merged(running)) as records:  # a client that leaves cancels every submission now
+    async with aclosing(submissions.follow_all(running)) as records:  # a client that leaves cancels every submission now
         async for i, record in records:
             if isinstance(record, ErrorOutput):
                 status = submissions.error_status(record).status_code

@@ -16,9 +16,9 @@ from sedd_core.evaluate import TextScores
 
 from .. import submissions
 from ..auth import require_api_key
-from ..openai_schemas import OpenAIError, ScoreRequest, ScoreResponse, TextScore
+from ..openai_schemas import OpenAIError, ScoreRequest, ScoreResponse, TextScore, error_responses
 from ..state import ReadyState
-from .openai import CLIENT_CLOSED_REQUEST, error_responses
+from ..streaming import client_closed
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)])
 
@@ -47,7 +47,7 @@ async def score(body: ScoreRequest, request: Request, state: ReadyState):
     submission = submissions.submit_work(state, work, rows)
     finals = await submissions.results([submission], request)
     if finals is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return client_closed()
     results = [TextScore(text=r.text, tokens=r.tokens, nll_nats=r.nll_nats,
                          stderr_nats=None if math.isnan(r.stderr_nats) else r.stderr_nats,
                          bits_per_token=r.bits_per_token, perplexity_bound=r.perplexity_bound)

@@ -21,11 +21,6 @@ from sedd_core.noise import LogLinearNoise
 CORPUS = ("hello world!", "score ratios", "diffusion ok", "masked chars", "tiny dataset")  # tiny-five's
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_five):
-    return sedd_core.load(tiny_five, device="cpu")
-
-
 class FixedScores:
     """A stand-in network: the same log scores (V + 1,) at every position (absorbing graph), or every
     position's (V,) (uniform graph). Counts its passes."""
@@ -151,18 +146,18 @@ def test_the_uniform_graph_draws_its_formula_and_the_controls_reshape_where_a_po
 
 # ---- through make_job and generate, on the tiny model --------------------------------------------------
 
-def test_explicit_defaults_are_the_default_request(tiny_lm):
-    plain = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7)
-    explicit = sedd_core.generate(tiny_lm, num_samples=4, steps=16, seed=7, temperature=1.0, top_p=1.0, top_k=0,
+def test_explicit_defaults_are_the_default_request(lm):
+    plain = sedd_core.generate(lm, num_samples=4, steps=16, seed=7)
+    explicit = sedd_core.generate(lm, num_samples=4, steps=16, seed=7, temperature=1.0, top_p=1.0, top_k=0,
                                   min_p=0.0)
     assert plain == explicit
-    assert make_job(tiny_lm, temperature=1, top_p=1, top_k=0).controls == sampling.SamplingControls()
+    assert make_job(lm, temperature=1, top_p=1, top_k=0).controls == sampling.SamplingControls()
 
 
 @pytest.mark.parametrize("canvas", [{}, {"prefix": "di"}, {"suffix": "ok"}, {"segments": [3, "ed ch", 4]}],
                          ids=["unconditional", "prefix", "suffix", "segments"])
-def test_temperature_0_is_one_text_for_any_seed_and_every_choice(tiny_lm, canvas):
-    texts = [sedd_core.generate(tiny_lm, num_samples=3, steps=12, seed=seed, temperature=0, **canvas)
+def test_temperature_0_is_one_text_for_any_seed_and_every_choice(lm, canvas):
+    texts = [sedd_core.generate(lm, num_samples=3, steps=12, seed=seed, temperature=0, **canvas)
              for seed in (1, 2, None)]
     assert all(t == texts[0] for t in texts) and len(set(texts[0])) == 1
     for fixed in ("prefix", "suffix"):
@@ -172,43 +167,43 @@ def test_temperature_0_is_one_text_for_any_seed_and_every_choice(tiny_lm, canvas
         assert texts[0][0][3:8] == "ed ch"
 
 
-def test_temperature_0_is_the_same_alone_and_among_batch_neighbours(tiny_lm):
+def test_temperature_0_is_the_same_alone_and_among_batch_neighbours(lm):
     """The engine's situation: one pass over rows of other requests (random, reshaped, greedy at other
     steps); every step of the greedy job equals its run alone."""
     def greedy():
-        return make_job(tiny_lm, num_samples=2, steps=12, seed=1, temperature=0, prefix="s")
+        return make_job(lm, num_samples=2, steps=12, seed=1, temperature=0, prefix="s")
 
-    alone = [state.x.clone() for state in iterate(tiny_lm, greedy())]
+    alone = [state.x.clone() for state in iterate(lm, greedy())]
     job = greedy()
-    neighbours = [make_job(tiny_lm, num_samples=5, steps=20, seed=3),
-                  make_job(tiny_lm, num_samples=2, steps=7, seed=4, temperature=0.7, top_k=3),
-                  make_job(tiny_lm, num_samples=1, steps=30, temperature=0, suffix="!")]
+    neighbours = [make_job(lm, num_samples=5, steps=20, seed=3),
+                  make_job(lm, num_samples=2, steps=7, seed=4, temperature=0.7, top_k=3),
+                  make_job(lm, num_samples=1, steps=30, temperature=0, suffix="!")]
     for _ in range(3):  # the neighbours are at other points of their grids
-        sampling.denoising_step(tiny_lm.runner, tiny_lm.graph, tiny_lm.noise, neighbours)
+        sampling.denoising_step(lm.runner, lm.graph, lm.noise, neighbours)
     together = []
     while not job.done:
-        sampling.denoising_step(tiny_lm.runner, tiny_lm.graph, tiny_lm.noise,
+        sampling.denoising_step(lm.runner, lm.graph, lm.noise,
                                 [job] + [n for n in neighbours if not n.done])
         together.append(job.x.clone())
     assert len(together) == len(alone) and all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
-def test_temperature_0_reveals_as_many_positions_per_step_as_the_schedule(tiny_lm):
+def test_temperature_0_reveals_as_many_positions_per_step_as_the_schedule(lm):
     steps = 10
-    job = make_job(tiny_lm, num_samples=1, steps=steps, temperature=0, prefix="ab")  # 10 free positions
-    left = [int(state.masks_left[0]) for state in iterate(tiny_lm, job)]
-    share = [float(-torch.expm1(-tiny_lm.noise.total(torch.tensor(t, dtype=torch.float64))))
+    job = make_job(lm, num_samples=1, steps=steps, temperature=0, prefix="ab")  # 10 free positions
+    left = [int(state.masks_left[0]) for state in iterate(lm, job)]
+    share = [float(-torch.expm1(-lm.noise.total(torch.tensor(t, dtype=torch.float64))))
              for t in sampling.time_grid(steps).double().tolist()]
     expected = [math.floor(10 * s / share[0] + 0.5) for s in share[1:]] + [0]
     assert left == expected
 
 
 @pytest.mark.slow
-def test_top_k_1_and_a_narrow_top_p_concentrate_samples_on_the_training_strings(tiny_lm):
+def test_top_k_1_and_a_narrow_top_p_concentrate_samples_on_the_training_strings(lm):
     """tiny-five was trained on five strings; keeping only each position's most likely tokens makes more
     samples one of them (and fewer distinct texts) than the model's own distribution at the same seed."""
     def run(**controls):
-        texts = sedd_core.generate(tiny_lm, num_samples=200, steps=64, seed=3, **controls)
+        texts = sedd_core.generate(lm, num_samples=200, steps=64, seed=3, **controls)
         return sum(t in CORPUS for t in texts) / len(texts), len(Counter(texts))
 
     base_share, base_distinct = run()
@@ -225,9 +220,9 @@ def test_top_k_1_and_a_narrow_top_p_concentrate_samples_on_the_training_strings(
     ("top_k", -1, "at least 0"), ("top_k", 2.5, "integer"), ("top_k", True, "integer"),
     ("min_p", -0.5, "between 0 and 1"), ("min_p", 1.01, "between 0 and 1"),
 ])
-def test_out_of_range_controls_are_refused_naming_the_field_and_range(tiny_lm, field, value, words):
+def test_out_of_range_controls_are_refused_naming_the_field_and_range(lm, field, value, words):
     with pytest.raises(GenerationError, match=words) as refused:
-        make_job(tiny_lm, **{field: value})
+        make_job(lm, **{field: value})
     assert refused.value.field == field and str(refused.value).startswith(field)
 
 

@@ -73,11 +73,32 @@ def time_grid(steps: int, eps: float = FINAL_TIME) -> torch.Tensor:
 
 
 class ControlError(ValueError):
-    """A sampling control out of its range; `field` names it (temperature, top_p, top_k or min_p)."""
+    """A sampling control out of its range: `field` names it (temperature, top_p, top_k or min_p),
+    `requirement` says what it must be."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+    def __init__(self, field: str, requirement: str, value):
+        super().__init__(f"{field} {requirement}, got {value!r}")
+        self.field, self.requirement, self.value = field, requirement, value
+
+
+CONTROL_REQUIREMENTS = {
+    "temperature": "must be a number of at least 0 (0 = deterministic, default 1)",
+    "top_p": "must be a number greater than 0 and at most 1 (default 1 = off)",
+    "top_k": "must be an integer of at least 0 (default 0 = off)",
+    "min_p": "must be a number between 0 and 1 (default 0 = off)",
+}
+
+
+def check_control(field: str, value) -> None:
+    """Raise `ControlError` unless `value` lies in the range of the sampling control `field`."""
+    integer = field == "top_k"
+    kinds = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+    if ok:
+        ok = {"temperature": value >= 0, "top_p": 0 < value <= 1, "top_k": value >= 0,
+              "min_p": 0 <= value <= 1}[field]
+    if not ok:
+        raise ControlError(field, CONTROL_REQUIREMENTS[field], value)
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,7 @@ class SamplingControls:
       likely one.
 
     At the defaults the draw is the model's own: a request that sends them is the request that leaves
-    them out."""
+    them out. Out of range: `ControlError`."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -108,21 +129,8 @@ class SamplingControls:
     min_p: float = 0.0
 
     def __post_init__(self):
-        def number(name: str, value, integer: bool = False) -> float:
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-                raise ControlError(name, f"{name} must be {'an integer' if integer else 'a finite number'}, "
-                                         f"got {value!r}")
-            return value
-
-        if not number("temperature", self.temperature) >= 0:
-            raise ControlError("temperature", f"temperature must be at least 0, got {self.temperature}")
-        if not 0 < number("top_p", self.top_p) <= 1:
-            raise ControlError("top_p", f"top_p must be greater than 0 and at most 1, got {self.top_p}")
-        if not number("top_k", self.top_k, integer=True) >= 0:
-            raise ControlError("top_k", f"top_k must be an integer of at least 0 (0 = off), got {self.top_k}")
-        if not 0 <= number("min_p", self.min_p) <= 1:
-            raise ControlError("min_p", f"min_p must be between 0 and 1, got {self.min_p}")
+        for name in CONTROL_REQUIREMENTS:
+            check_control(name, getattr(self, name))
 
     @property
     def greedy(self) -> bool:

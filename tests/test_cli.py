@@ -57,11 +57,11 @@ def test_sampling_controls_flags(tiny_five):
 
 
 @pytest.mark.parametrize(("flag", "value", "words"), [
-    ("--temperature", "-1", "temperature must be at least 0"),
-    ("--top-p", "0", "top_p must be greater than 0 and at most 1"),
-    ("--top-p", "1.5", "top_p must be greater than 0 and at most 1"),
+    ("--temperature", "-1", "temperature must be a number of at least 0"),
+    ("--top-p", "0", "top_p must be a number greater than 0 and at most 1"),
+    ("--top-p", "1.5", "top_p must be a number greater than 0 and at most 1"),
     ("--top-k", "-2", "top_k must be an integer of at least 0"),
-    ("--min-p", "2", "min_p must be between 0 and 1"),
+    ("--min-p", "2", "min_p must be a number between 0 and 1"),
 ])
 def test_out_of_range_controls_exit_2_naming_the_flag_and_range(flag, value, words):
     """Checked before any model loads (the model named here does not exist)."""

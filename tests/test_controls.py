@@ -215,10 +215,11 @@ def test_top_k_1_and_a_narrow_top_p_concentrate_samples_on_the_training_strings(
 # ---- ranges and graphs ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("field", "value", "words"), [
-    ("temperature", -0.1, "at least 0"), ("temperature", float("nan"), "finite"), ("temperature", float("inf"), "finite"),
-    ("top_p", 0.0, "greater than 0 and at most 1"), ("top_p", 1.5, "greater than 0 and at most 1"),
-    ("top_k", -1, "at least 0"), ("top_k", 2.5, "integer"), ("top_k", True, "integer"),
-    ("min_p", -0.5, "between 0 and 1"), ("min_p", 1.01, "between 0 and 1"),
+    ("temperature", -0.1, "must be a number of at least 0"), ("temperature", float("nan"), "must be a number of at least 0"),
+    ("temperature", float("inf"), "at least 0"), ("top_p", 0.0, "must be a number greater than 0 and at most 1"),
+    ("top_p", 1.5, "greater than 0 and at most 1"), ("top_k", -1, "must be an integer of at least 0"),
+    ("top_k", 2.5, "must be an integer"), ("top_k", True, "must be an integer"),
+    ("min_p", -0.5, "must be a number between 0 and 1"), ("min_p", 1.01, "between 0 and 1"),
 ])
 def test_out_of_range_controls_are_refused_naming_the_field_and_range(lm, field, value, words):
     with pytest.raises(GenerationError, match=words) as refused:

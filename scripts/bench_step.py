@@ -56,12 +56,20 @@ def masked_share(steps: int, k: int) -> float:
     return float(time_grid(steps)[k])
 
 
+CONTROLS: dict = {}  # --controls: the sampling controls of every job (a checkout that has them)
+
+
 def make_job_at(mask_id: int, length: int, steps: int, k: int, masked: int | None, seed: int) -> Job:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, mask_id, (1, length), generator=gen)
     count = masked if masked is not None else max(1, round(length * masked_share(steps, k)))
     x[0, torch.randperm(length, generator=gen)[:count]] = mask_id
-    job = Job(x=x, steps=steps, predictor="analytic", generator=gen)
+    extra = {}
+    if CONTROLS:
+        from sedd_core.sampling import SamplingControls
+
+        extra["controls"] = SamplingControls(**CONTROLS)
+    job = Job(x=x, steps=steps, predictor="analytic", generator=gen, **extra)
     job.step_index = k
     return job
 
@@ -86,7 +94,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="char-default@1,char-default@64,gpt2@1,gpt2@64,draw-98@128,"
                                            "draw-50257@16,draw-50257@256")
+    parser.add_argument("--controls", default="", help="sampling controls for every job, e.g. "
+                                                        "'temperature=0.7,top_p=0.9,top_k=50' (this checkout's)")
     args = parser.parse_args()
+    for item in filter(None, args.controls.split(",")):
+        name, value = item.split("=")
+        CONTROLS[name] = int(value) if name == "top_k" else float(value)
     torch.set_num_threads(args.threads)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     steps = 128

@@ -1,10 +1,11 @@
 """The OpenAI-compatible protocol in one module: request, response, stream-chunk and error shapes of
 /v1/completions and /v1/models, and the body of /v1/score.
 
-Fields OpenAI defines that a diffusion model cannot honour (logprobs, echo, best_of > n, temperature and
-top_p other than 1, the penalties, logit_bias) are accepted at their no-op value and refused otherwise
-(`refused_parameter`): the schema says which value is accepted, the route answers 400 naming the field.
-docs/openai.md lists them and why.
+The sampling controls are OpenAI's `temperature` and `top_p`, and vLLM's extra fields `top_k` and `min_p`
+(app/schemas.py describes them; null = the default). Fields OpenAI defines that a diffusion model cannot
+honour (logprobs, echo, best_of > n, the penalties, logit_bias) are accepted at their no-op value and
+refused otherwise (`refused_parameter`): the schema says which value is accepted, the route answers 400
+naming the field. docs/openai.md lists them and why.
 """
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .schemas import MAX_SEED, documented_errors, integral_number
+from .schemas import (
+    CONTROLS,
+    MAX_SEED,
+    check_control_field,
+    control_field,
+    documented_errors,
+    integral_number,
+)
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -115,13 +123,16 @@ class CompletionRequest(BaseModel):
     predictor: Literal["analytic", "euler"] = Field("analytic", description="the update rule of each step")
     denoising: bool = Field(False, strict=True, description="with `stream`: every chunk carries the whole "
                             "current canvas (masks drawn as ░) instead of deltas")
-    # OpenAI's sampling controls that a diffusion sampler cannot honour.
+    # Sampling controls: OpenAI's temperature and top_p; top_k and min_p as vLLM takes them (extra fields).
+    temperature: float | None = control_field("temperature", None, nullable=True, note="; null = 1")
+    top_p: float | None = control_field("top_p", None, nullable=True, note="; null = 1")
+    top_k: int | None = control_field("top_k", None, nullable=True, note="; null = 0 (an extra field, as vLLM)")
+    min_p: float | None = control_field("min_p", None, nullable=True, note="; null = 0 (an extra field, as vLLM)")
+    # OpenAI's fields that a diffusion sampler cannot honour.
     logprobs: int | None = _only(None, "per-token log-probabilities do not exist for a diffusion sample")
     echo: bool | None = _only(False, "send the prompt back only as your own prefix")
     best_of: int | None = Field(None, ge=1, strict=True, description="not supported above `n`: no likelihood "
                                 "ranks the candidates")
-    temperature: float | None = _only(1, "the sampler draws from the model's distribution as trained")
-    top_p: float | None = _only(1, "no nucleus truncation in the denoising updates")
     frequency_penalty: float | None = _only(0, "tokens appear all at once, not one after another")
     presence_penalty: float | None = _only(0, "tokens appear all at once, not one after another")
     logit_bias: dict[str, float] | None = Field(None, description="not supported (only {} or null)",
@@ -145,7 +156,13 @@ class CompletionRequest(BaseModel):
                 raise ValueError("a stop string may not be empty")
         return value
 
-    _integral_numbers = field_validator("max_tokens", "n", "seed", "steps", "best_of", mode="before")(integral_number)
+    _integral_numbers = field_validator("max_tokens", "n", "seed", "steps", "best_of", "top_k",
+                                        mode="before")(integral_number)
+    _control_ranges = field_validator(*CONTROLS)(check_control_field)
+
+    def controls(self) -> dict:
+        """make_job's keyword arguments for the controls the request sets (null: the library's default)."""
+        return {name: getattr(self, name) for name in CONTROLS if getattr(self, name) is not None}
 
     @property
     def prompts(self) -> list[str]:
@@ -169,10 +186,6 @@ def refused_parameter(body: CompletionRequest) -> OpenAIError | None:
         return refuse("echo", "leave it out or false; the prompt is your own text")
     if body.best_of is not None and body.best_of > body.n:
         return refuse("best_of", f"no likelihood ranks extra candidates; leave it out or at most n ({body.n})")
-    if body.temperature is not None and body.temperature != 1:
-        return refuse("temperature", "the sampler draws from the model's distribution as trained; leave it out or 1")
-    if body.top_p is not None and body.top_p != 1:
-        return refuse("top_p", "no nucleus truncation exists in the denoising updates; leave it out or 1")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name) not in (None, 0):
             return refuse(name, "tokens are revealed in parallel, not one after another; leave it out or 0")

@@ -87,7 +87,7 @@ class RequestOutput:
         self.lm = lm
         self.positions = FixedPositions.of(job)
         self.gaps = job.gaps or self.positions.gaps  # the job's own gaps tell adjacent gaps apart
-        self.rows, self.steps, self.predictor = job.rows, job.steps, job.predictor
+        self.rows, self.steps, self.predictor, self.controls = job.rows, job.steps, job.predictor, job.controls
         self.pieces = pieces  # per-position display strings in step events
 
     # ---- progress ----------------------------------------------------------------------------------
@@ -114,7 +114,9 @@ class RequestOutput:
         timing = record.timing
         samples = [Sample(text=s.text, spans=s.spans) for s in self.decode(record.tokens)]
         return answer(model=self.lm.name, samples=samples,
-                      num_samples=self.rows, steps=self.steps, predictor=self.predictor, length=self.positions.length,
+                      num_samples=self.rows, steps=self.steps, predictor=self.predictor,
+                      temperature=self.controls.temperature, top_p=self.controls.top_p, top_k=self.controls.top_k,
+                      min_p=self.controls.min_p, length=self.positions.length,
                       timing=RequestDurations(queued_s=round(timing.queued_s, TIMING_DIGITS),
                                               run_s=round(timing.run_s, TIMING_DIGITS),
                                               total_s=round(timing.total_s, TIMING_DIGITS)),

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, fiel
 from pydantic_core import PydanticCustomError
 
 from sedd_core.canvas import MAX_SEGMENTS
+from sedd_core.sampling import ControlError, check_control
 
 MAX_SEED = 2**63 - 1
 
@@ -32,7 +33,64 @@ def integral_number(value):
     return value
 
 
-class GenerationOptions(BaseModel):
+# The sampling controls, as every generation endpoint and /v1/completions take them. The ranges are the
+# library's (sedd_core.sampling.check_control), whose messages state them; the schema repeats them.
+CONTROLS = ("temperature", "top_p", "top_k", "min_p")
+CONTROL_DOCS = {
+    "temperature": "reshapes the distribution of the token a revealed position becomes (the clean-token "
+                   "distribution; under a uniform-graph model, the token a position moves to): probabilities to "
+                   "the power 1/temperature, renormalised; below 1 sharper, above 1 flatter. 0 = deterministic: "
+                   "the same text with any seed or none, every sample the same (the most confident positions "
+                   "are revealed first, as many per step as the noise schedule unmasks, each with its most "
+                   "likely token; absorbing-graph models only). The reveal rate follows the noise schedule "
+                   "whatever the controls",
+    "top_p": "nucleus: keep the most likely tokens whose probabilities (after temperature and top_k) add up to "
+             "top_p, the one that crosses it included; 1 = off",
+    "top_k": "keep the k most likely tokens (and any tied with the k-th); 0 = off",
+    "min_p": "keep the tokens at least min_p times as likely as the most likely one (applied after top_p); "
+             "0 = off",
+}
+CONTROL_BOUNDS = {"temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+                  "top_k": {"minimum": 0}, "min_p": {"minimum": 0, "maximum": 1}}
+
+
+def check_control_field(value, info):
+    """A control's range, as the library states it (422, or 400 on /v1, naming the field)."""
+    if value is not None:
+        try:
+            check_control(info.field_name, value)
+        except ControlError as exc:
+            raise PydanticCustomError("control_range", "{requirement}, got {value}",
+                                      {"requirement": exc.requirement, "value": value}) from None
+    return value
+
+
+def control_field(name: str, default, nullable: bool = False, note: str = ""):
+    """A control's Field: its description and its range in the schema (`nullable`: null = the default)."""
+    bounds = CONTROL_BOUNDS[name]
+    schema = {"anyOf": [{"type": "integer" if name == "top_k" else "number", **bounds}, {"type": "null"}]} \
+        if nullable else bounds
+    return Field(default, strict=True, description=CONTROL_DOCS[name] + note, json_schema_extra=schema,
+                 **({} if name == "top_k" else {"allow_inf_nan": False}))
+
+
+class SamplingFields(BaseModel):
+    """How a revealed position picks its token (sedd_core.sampling.SamplingControls)."""
+
+    temperature: float = control_field("temperature", 1.0)
+    top_p: float = control_field("top_p", 1.0)
+    top_k: int = control_field("top_k", 0)
+    min_p: float = control_field("min_p", 0.0)
+
+    _integral_top_k = field_validator("top_k", mode="before")(integral_number)
+    _ranges = field_validator(*CONTROLS)(check_control_field)
+
+    def controls(self) -> dict:
+        """make_job's keyword arguments."""
+        return {name: getattr(self, name) for name in CONTROLS}
+
+
+class GenerationOptions(SamplingFields):
     """The fields every generation request has: how many samples, how many steps, how to answer."""
 
     model_config = ConfigDict(extra="forbid")
@@ -166,8 +224,13 @@ class SampleResponse(BaseModel):
     num_samples: int
     steps: int
     predictor: str
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
     length: int = Field(description="tokens per sample (the canvas)")
-    seed: int = Field(description="the seed used: send it back to reproduce this answer")
+    seed: int = Field(description="the seed used: send it back to reproduce this answer (with temperature 0, "
+                                  "every seed gives the same text)")
     timing: RequestDurations
 
 

@@ -17,7 +17,7 @@ order of priority; once --budget-s is spent the rest are skipped and say so:
   runs         whole runs (--steps, analytic, final denoise) of one request of R rows, on a model of
                the preset's shape with random weights, in these configurations ("variants"):
                  eager         the library's defaults: eager network, unfused in-place step maths
-                 fused         the step maths as one compiled pass (sampling.gumbel_max_choice)
+                 fused         the step's max and sum of exponentials as one compiled pass (sampling.masked_stats)
                  no-flash      eager with flash-attn switched off (SDPA), only where it is installed
                Each point: samples/s, seconds per sample, network TFLOP/s counted as `sedd bench` counts
                them (benchmarks.measure.FlopCount.sampling_loop) and their fraction of the matmul peak,

@@ -21,8 +21,35 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
     p.add_argument("--predictor", choices=PREDICTORS, default="analytic")
     p.add_argument("--seed", type=int, default=None, help="seed for a reproducible result")
+    controls = p.add_argument_group("sampling controls", "how a revealed position picks its token (the clean-token "
+                                    "distribution reshaped; the reveal rate follows the noise schedule)")
+    controls.add_argument("--temperature", type=float, default=1.0,
+                          help=">= 0 (default 1); 0 = deterministic: the most confident positions first, each "
+                               "with its most likely token")
+    controls.add_argument("--top-p", type=float, default=1.0,
+                          help="0 < p <= 1 (default 1 = off): keep the most likely tokens that make up p")
+    controls.add_argument("--top-k", type=int, default=0, help="integer >= 0 (default 0 = off): keep the k most "
+                                                               "likely tokens")
+    controls.add_argument("--min-p", type=float, default=0.0,
+                          help="0 <= p <= 1 (default 0 = off): keep tokens at least p times as likely as the most "
+                               "likely one")
     p.add_argument("--show-intermediate", action="store_true", help="print the text after every step (stderr)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample per line on stdout")
+
+
+CONTROL_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p"}
+
+
+def sampling_controls(args) -> dict:
+    """The control flags as `make_job` arguments, checked against their ranges before any model loads."""
+    from sedd_core.sampling import ControlError, SamplingControls
+
+    values = {name: getattr(args, name) for name in CONTROL_FLAGS}
+    try:
+        SamplingControls(**values)
+    except ControlError as exc:
+        raise UsageError(f"argument {CONTROL_FLAGS[exc.field]}: {exc}") from None
+    return values
 
 
 def run_generation(args, prefix: str = "", suffix: str = "", segments: list | None = None) -> int:
@@ -30,10 +57,12 @@ def run_generation(args, prefix: str = "", suffix: str = "", segments: list | No
 
     from sedd_core import generation as gen
 
+    controls = sampling_controls(args)
     lm = load_model(args)
     seed = gen.new_seed() if args.seed is None else args.seed
     job = gen.make_job(lm, num_samples=args.num_samples, steps=args.steps, length=args.length,
-                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix, segments=segments)
+                       predictor=args.predictor, seed=seed, prefix=prefix, suffix=suffix, segments=segments,
+                       **controls)
     start = time.perf_counter()
     with tqdm(total=args.steps + 1, desc="denoising", unit="step", file=sys.stderr) as bar:
         for state in gen.iterate(lm, job):
@@ -46,7 +75,7 @@ def run_generation(args, prefix: str = "", suffix: str = "", segments: list | No
     for i, text in enumerate(texts):
         if args.json:
             print(json.dumps({"index": i, "text": text, "seed": seed, "steps": args.steps,
-                              "predictor": args.predictor, "model": lm.name}), flush=True)
+                              "predictor": args.predictor, **controls, "model": lm.name}), flush=True)
         else:
             print(f"--- sample {i} (seed {seed}) ---\n{text}", flush=True)
     print(f"{len(texts)} sample(s) in {elapsed:.2f} s on {lm.device}", file=sys.stderr)

@@ -12,12 +12,16 @@ import torch
 
 from .canvas import Segment, SegmentError, lay_out
 from .loading import LoadedModel
-from .sampling import PREDICTORS, Job, denoising_step
+from .sampling import PREDICTORS, ControlError, Job, SamplingControls, denoising_step
 from .tokenizers import MASK_PLACEHOLDER, render
 
 
 class GenerationError(ValueError):
-    """Bad generation input; the message says what to fix."""
+    """Bad generation input; the message says what to fix, and `field` names the input when it is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def new_seed() -> int:
@@ -54,17 +58,35 @@ def infill_segments(lm: LoadedModel, length: int | None, prefix: str = "", suffi
     return [prefix, gap, suffix]
 
 
+def sampling_controls(lm: LoadedModel, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      min_p: float = 0.0) -> SamplingControls:
+    """The controls, checked against their ranges and against the model (temperature 0 needs the absorbing
+    graph); see `sedd_core.sampling.SamplingControls` for what each does."""
+    try:
+        controls = SamplingControls(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    except ControlError as exc:
+        raise GenerationError(str(exc), field=exc.field) from None
+    if controls.greedy and not lm.graph.absorb:
+        raise GenerationError("temperature 0 (deterministic decoding) needs an absorbing-graph model; this model "
+                              "uses the uniform graph, which starts from random tokens: use a temperature above 0",
+                              field="temperature")
+    return controls
+
+
 def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
              predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "",
-             segments: Sequence[str | int] | None = None) -> Job:
+             segments: Sequence[str | int] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0) -> Job:
     """A job for `segments` (kept text and gaps, see `sedd_core.canvas`), or for `[prefix, gap, suffix]` on a
-    canvas of `length` tokens: the shorthand. `job.gaps` holds the token positions of the gaps."""
+    canvas of `length` tokens: the shorthand. `job.gaps` holds the token positions of the gaps.
+    `temperature`, `top_p`, `top_k`, `min_p`: the sampling controls (`sedd_core.sampling.SamplingControls`)."""
     if predictor not in PREDICTORS:
         raise GenerationError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     if steps < 1:
         raise GenerationError(f"steps must be at least 1, got {steps}")
     if num_samples < 1:
         raise GenerationError(f"num_samples must be at least 1, got {num_samples}")
+    controls = sampling_controls(lm, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     if segments is not None:
         if prefix or suffix or length is not None:
             raise GenerationError("give either segments or prefix/suffix/length, not both: segments describe the "
@@ -80,8 +102,8 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
     x = lm.graph.sample_limit(num_samples, placed.length, device=lm.device, generator=generator)
     fixed = torch.tensor(placed.fixed, dtype=torch.bool, device=lm.device)
     fixed_tokens = torch.tensor(placed.tokens, dtype=torch.long, device=lm.device)
-    return Job(x=x, steps=steps, predictor=predictor, generator=generator,
-               fixed=fixed if any(placed.fixed) else None, fixed_tokens=fixed_tokens, gaps=placed.gaps)
+    return Job(x=x, steps=steps, predictor=predictor, generator=generator, fixed=fixed if any(placed.fixed) else None,
+               fixed_tokens=fixed_tokens, controls=controls, gaps=placed.gaps)
 
 
 def iterate(lm: LoadedModel, job: Job) -> Iterator[Job]:
@@ -105,10 +127,13 @@ def token_pieces(lm: LoadedModel, row: list[int]) -> list[str]:
 
 def generate(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length: int | None = None,
              predictor: str = "analytic", seed: int | None = None, prefix: str = "", suffix: str = "",
-             segments: Sequence[str | int] | None = None, callback: Callable[[Job], None] | None = None) -> list[str]:
-    """Texts of `num_samples` samples; with prefix/suffix or segments, an infill that keeps the text exactly."""
+             segments: Sequence[str | int] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, callback: Callable[[Job], None] | None = None) -> list[str]:
+    """Texts of `num_samples` samples; with prefix/suffix or segments, an infill that keeps the text exactly.
+    The sampling controls as in `make_job`."""
     job = make_job(lm, num_samples=num_samples, steps=steps, length=length, predictor=predictor, seed=seed,
-                   prefix=prefix, suffix=suffix, segments=segments)
+                   prefix=prefix, suffix=suffix, segments=segments, temperature=temperature, top_p=top_p,
+                   top_k=top_k, min_p=min_p)
     for state in iterate(lm, job):
         if callback is not None:
             callback(state)

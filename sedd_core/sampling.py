@@ -1,36 +1,62 @@
 """Denoising steps for a batch of jobs, each row at its own diffusion time.
 
 A `Job` is one request's rows: its tokens, the positions it holds fixed (prefix,
-suffix, any given token), its time grid, predictor and random generator. The
-authors' `pc_sampler` is `steps` predictor steps on linspace(1, 1e-5, steps + 1)
-followed by one final denoise; `Job.next_action` walks that grid one step at a
-time so that a scheduler can batch jobs that sit at different points of it.
+suffix, any given token), its time grid, predictor, sampling controls and random
+generator. The authors' `pc_sampler` is `steps` predictor steps on
+linspace(1, 1e-5, steps + 1) followed by one final denoise; `Job.next_action`
+walks that grid one step at a time so that a scheduler can batch jobs that sit at
+different points of it.
 
 `denoising_step` runs ONE model pass for all the rows of the jobs it is given and
 advances each job by one step. For the absorbing graph only masked positions get
 the output layer and the vocabulary-wide maths; there all three updates have the
-same shape (SPEC section 4, with S' the sum of the ratios to real tokens):
+same shape (Lou et al. 2024, section 4.1; the authors' `analytic`/`euler`
+predictors and final denoise), with s_y the score and S' = sum of s_y over the
+real tokens:
 
     euler:    p_y = dt * dsigma/dt * s_y,   p_mask = 1 - (dt * dsigma/dt) * S'
     analytic: p_y = (e^ds - 1) * s_y,       p_mask = 1 - (e^ds - 1) * S'
     denoise:  p_y = (e^sigma - 1) * s_y,    p_mask = 0
 
-so rows with different predictors and times share one pass and one kernel.
-The uniform graph uses the faithful vocabulary-wide formulas of `graph.py`.
+so rows with different predictors and times share one pass. Written as
+p_y = r * q_y with r = coef * S' (clamped to 1) and q_y = s_y / S', the step
+reveals a position with probability r and gives it a token drawn from q, the
+clean-token distribution p(x0 | xt): for the absorbing graph the score at a masked
+position is p(x0 = y | xt) times a factor of the time alone (Ou et al. 2024,
+"Your absorbing discrete diffusion secretly models the conditional distributions
+of clean data", theorem 1). A job's `SamplingControls` (temperature, top_k, top_p,
+min_p) reshape q, never r: the rate at which positions reveal follows the noise
+schedule whatever the controls. Temperature 0 is greedy decoding (see
+`SamplingControls`).
 
-Speed: a step waits for the device once (the count of masked positions, which
-sizes the output); the (positions x vocabulary) maths run in place on the
-output layer's result, and on a CPU into buffers reused from step to step.
-`denoising_step(..., fused=True)` runs those maths and the Gumbel-max draw as one
-torch.compile'd pass instead (`gumbel_max_choice`), which reads the output once;
-it is for GPUs, where the unfused maths are a chain of memory-bound kernels. The
-in-place path stays the reference and the default.
+Exact draws: each position's draw is two uniforms in float64, one for "reveal or
+stay masked" (u < r) and one for the token among the revealed outcomes (inverse
+CDF over q's weights accumulated in float64), so every outcome whose probability
+is above about 1e-16 can be drawn, at any step count. A Gumbel-max over float32
+noise (the authors' `sample_categorical`, this module's earlier draw) cannot
+pick an outcome below about 1e-7 of the most likely one, which at many steps is
+most of the vocabulary (staying masked has probability close to 1).
+
+The uniform graph uses the faithful vocabulary-wide formulas of `graph.py` and the
+same two draws: "move or stay" and then the token among the moves; the controls
+reshape the distribution of the token a position moves to.
+
+Speed: a step waits for the device once for the count of masked positions (which
+sizes the output) and, off the CPU, once more for the count of revealed ones. The
+(positions x vocabulary) work is one max and one sum of exponentials per position,
+in place on the output layer's result and on a CPU in buffers reused from step to
+step; the token draw runs only at the positions that reveal. `denoising_step(...,
+fused=True)` computes the max and the sum as one torch.compile'd pass instead
+(`masked_stats`), which reads the output once; it is for GPUs.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +72,76 @@ def time_grid(steps: int, eps: float = FINAL_TIME) -> torch.Tensor:
     return torch.linspace(1.0, eps, steps + 1)
 
 
+class ControlError(ValueError):
+    """A sampling control out of its range: `field` names it (temperature, top_p, top_k or min_p),
+    `requirement` says what it must be."""
+
+    def __init__(self, field: str, requirement: str, value):
+        super().__init__(f"{field} {requirement}, got {value!r}")
+        self.field, self.requirement, self.value = field, requirement, value
+
+
+CONTROL_REQUIREMENTS = {
+    "temperature": "must be a number of at least 0 (0 = deterministic, default 1)",
+    "top_p": "must be a number greater than 0 and at most 1 (default 1 = off)",
+    "top_k": "must be an integer of at least 0 (default 0 = off)",
+    "min_p": "must be a number between 0 and 1 (default 0 = off)",
+}
+
+
+def check_control(field: str, value) -> None:
+    """Raise `ControlError` unless `value` lies in the range of the sampling control `field`."""
+    integer = field == "top_k"
+    kinds = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+    if ok:
+        ok = {"temperature": value >= 0, "top_p": 0 < value <= 1, "top_k": value >= 0,
+              "min_p": 0 <= value <= 1}[field]
+    if not ok:
+        raise ControlError(field, CONTROL_REQUIREMENTS[field], value)
+
+
+@dataclass(frozen=True)
+class SamplingControls:
+    """How a revealed position picks its token: a reshaping of the clean-token distribution q (the
+    names and meanings of OpenAI's and vLLM's sampling parameters). Applied in this order:
+
+    - `temperature` (>= 0, default 1): q_y^(1/temperature), renormalised; below 1 sharper, above 1 flatter.
+      0 is greedy decoding: no randomness at all. Each predictor step reveals as many positions as the
+      noise schedule unmasks on average (the masked share of the job's free positions follows
+      1 - e^-sigma(t), rounded), choosing the positions whose most likely token is the most likely
+      (MaskGIT's and LLaDA's low-confidence remasking; ties to the earlier position), each with its most
+      likely token (ties to the lower id); the final denoise reveals the rest the same way. A job's rows
+      are then one text: the first row's, copied to the others after every step. The other controls
+      have no effect at 0 (the most likely token survives all of them).
+    - `top_k` (integer >= 0, 0 = off): keep the k most likely tokens (and any tied with the k-th).
+    - `top_p` (0 < top_p <= 1, 1 = off): keep the most likely tokens whose probabilities, after the
+      steps above, add up to top_p (the token that crosses it included, and any tied with it).
+    - `min_p` (0 <= min_p <= 1, 0 = off): keep the tokens at least min_p times as likely as the most
+      likely one.
+
+    At the defaults the draw is the model's own: a request that sends them is the request that leaves
+    them out. Out of range: `ControlError`."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        for name in CONTROL_REQUIREMENTS:
+            check_control(name, getattr(self, name))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether a random draw differs from the model's own distribution (greedy jobs draw no token)."""
+        return not self.greedy and (self.temperature != 1 or self.top_p < 1 or self.top_k > 0 or self.min_p > 0)
+
+
 @dataclass
 class Job:
     """One request's rows moving through the sampler. `x` is (n, L) on the model's device."""
@@ -56,10 +152,11 @@ class Job:
     generator: torch.Generator | None = None
     fixed: torch.Tensor | None = None  # bool (L,)
     fixed_tokens: torch.Tensor | None = None  # long (L,)
+    controls: SamplingControls = field(default_factory=SamplingControls)
     step_index: int = 0
     masks_left: torch.Tensor | None = None  # long (n,) on the device: positions still masked after the last step
     gaps: tuple[tuple[int, int], ...] = ()  # token positions [start, end) of each generated gap, for outputs
-    grid: torch.Tensor = field(init=False, repr=False)
+    grid: list[float] = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.predictor not in PREDICTORS:
@@ -67,7 +164,7 @@ class Job:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         self.grid = time_grid(self.steps).tolist()
-        self.project()
+        self.restore_fixed()
 
     @property
     def rows(self) -> int:
@@ -81,6 +178,11 @@ class Job:
     def done(self) -> bool:
         return self.step_index > self.steps
 
+    @cached_property
+    def free_positions(self) -> int:
+        """Positions per row that the job generates (not fixed)."""
+        return self.length - (int(self.fixed.sum()) if self.fixed is not None else 0)
+
     def next_action(self) -> tuple[int, float, float]:
         """(kind, t, dt) of the next update: a predictor step, then the final denoise."""
         if self.step_index < self.steps:
@@ -88,8 +190,8 @@ class Job:
             return kind, self.grid[self.step_index], (1 - FINAL_TIME) / self.steps
         return DENOISE, self.grid[-1], 0.0
 
-    def project(self) -> None:
-        """Write the fixed positions back into x (at creation and after every step, so x always holds them)."""
+    def restore_fixed(self) -> None:
+        """Write the fixed tokens back into x (at creation and after every step, so x always holds them)."""
         if self.fixed is not None:
             self.x = torch.where(self.fixed, self.fixed_tokens, self.x)
 
@@ -97,19 +199,76 @@ class Job:
         return self.grid[min(self.step_index, self.steps)]
 
 
-def _row_coefficients(noise: Noise, jobs: Sequence[Job], device) -> tuple[torch.Tensor, ...]:
-    """Per row: kind, sigma at which the score is taken, and the update's ds / dt * dsigma/dt."""
-    kinds, ts, dts = [], [], []
-    for job in jobs:
-        kind, t, dt = job.next_action()
-        kinds += [kind] * job.rows
-        ts += [t] * job.rows
-        dts += [dt] * job.rows
-    kind = torch.tensor(kinds, device=device)
-    t = torch.tensor(ts, device=device, dtype=torch.float32)
-    dt = torch.tensor(dts, device=device, dtype=torch.float32)
-    sigma, dsigma_rate = noise(t)
-    return kind, t, dt, sigma, dsigma_rate
+@dataclass
+class StepBatch:
+    """The rows of one pass: the jobs' rows stacked (they hold their fixed text), and per row the update
+    to make: its kind (EULER, ANALYTIC or DENOISE), time t, step dt, sigma(t), dsigma/dt and the analytic
+    step's ds = sigma(t) - sigma(t - dt). `x` is this step's own copy."""
+
+    jobs: Sequence[Job]
+    noise: Noise
+    x: torch.Tensor  # long (B, L)
+    kind: torch.Tensor  # (B,)
+    t: torch.Tensor  # float32 (B,), likewise below
+    dt: torch.Tensor
+    sigma: torch.Tensor
+    dsigma_rate: torch.Tensor
+    ds: torch.Tensor
+
+    @classmethod
+    def of(cls, noise: Noise, jobs: Sequence[Job]) -> StepBatch:
+        if len({job.length for job in jobs}) != 1:
+            raise ValueError("jobs in one pass must share a length; group them first")
+        x = torch.cat([job.x for job in jobs])
+        kinds, ts, dts = [], [], []
+        for job in jobs:
+            kind, t, dt = job.next_action()
+            kinds += [kind] * job.rows
+            ts += [t] * job.rows
+            dts += [dt] * job.rows
+        kind = torch.tensor(kinds, device=x.device)
+        t = torch.tensor(ts, device=x.device, dtype=torch.float32)
+        dt = torch.tensor(dts, device=x.device, dtype=torch.float32)
+        sigma, dsigma_rate = noise(t)
+        ds = sigma - noise.total((t - dt).clamp_min(0))
+        return cls(jobs, noise, x, kind, t, dt, sigma, dsigma_rate, ds)
+
+    def absorbing_coefficient(self) -> torch.Tensor:
+        """Per row, the factor of the score in p_y = coef * s_y: dt * dsigma/dt, e^ds - 1 or e^sigma - 1."""
+        return torch.where(self.kind == EULER, self.dt * self.dsigma_rate,
+                           torch.expm1(torch.where(self.kind == DENOISE, self.sigma, self.ds)))
+
+    def job_spans(self, counts: Sequence[int]) -> list[JobSpan]:
+        """Where each job's positions lie in a row-major list of positions with `counts` per row."""
+        spans, start, row = [], 0, 0
+        for job in self.jobs:
+            n = sum(counts[row : row + job.rows])
+            spans.append(JobSpan(job, row, start, start + n))
+            start, row = start + n, row + job.rows
+        return spans
+
+
+class JobSpan(NamedTuple):
+    job: Job
+    row: int  # the job's first row in the batch
+    start: int  # its positions: [start, end) of the list
+    end: int
+
+
+@dataclass
+class MaskedScores:
+    """The network's log scores at the masked positions of a batch (absorbing graph), row-major."""
+
+    log_score: torch.Tensor  # float32 (N, V): the real tokens, then the mask column
+    coef: torch.Tensor  # (N,) the position's row's `StepBatch.absorbing_coefficient`
+    may_stay: torch.Tensor  # bool (N,): False at a final denoise
+    index: torch.Tensor  # (N,) flat positions in x
+    counts: list[int]  # masked positions per row
+    row_of: torch.Tensor  # (N,) row of each position
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.log_score[:, :-1]
 
 
 class _Workspace(threading.local):
@@ -134,105 +293,70 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
-def _gumbel_draws(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Generator | None],
-                  device) -> torch.Tensor:
-    """The random draws behind the Gumbel noise, each group of rows from its own generator:
-    uniforms on a CPU (exponential_ is slow there), exponentials on a GPU (one kernel)."""
-    device = torch.device(device)
-    out = _workspace.get("noise", sum(shape_rows), width, device)
-    start = 0
-    for n, gen in zip(shape_rows, generators):
-        if n:
-            if device.type == "cpu":
-                torch.rand((n, width), generator=gen, device=device, out=out[start : start + n])
-            else:
-                out[start : start + n].exponential_(generator=gen)
-        start += n
-    return out
-
-
-def _gumbel(shape_rows: Sequence[int], width: int, generators: Sequence[torch.Generator | None], device):
-    """Log of exponential noise for each group of rows, in place on the draws.
-
-    On a CPU: log(1e-10 - log(u + 1e-10)) from uniforms, the authors' formula. On a GPU: log(E) with
-    E from exponential_, which saves four passes over (positions x vocabulary) memory. Same
-    distribution; a seed's stream differs between the two."""
-    out = _gumbel_draws(shape_rows, width, generators, device)
-    if out.device.type == "cpu":
-        return out.add_(1e-10).log_().neg_().add_(1e-10).log_()
-    return out.log_()
-
-
-def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
-    """Hand each job its rows of the step's result, fixed text written back (the uniform graph draws every
-    position, so without it step records and the final answer could show kept text changed)."""
-    start = 0
-    for job in jobs:
-        job.x = x[start : start + job.rows]
-        job.masks_left = masks_left[start : start + job.rows]
-        job.step_index += 1
-        job.project()
-        start += job.rows
-
-
-def _batch(noise: Noise, jobs: Sequence[Job]) -> tuple[torch.Tensor, ...]:
-    """The jobs' rows (which hold their fixed text), stacked, with their per-row coefficients:
-    (x, kind, t, dt, sigma, rate)."""
-    if len({job.length for job in jobs}) != 1:
-        raise ValueError("jobs in one pass must share a length; group them first")
-    x = torch.cat([job.x for job in jobs])
-    return (x, *_row_coefficients(noise, jobs, x.device))
-
-
 @torch.inference_mode()
 def denoising_step(model, graph: Graph, noise: Noise, jobs: Sequence[Job], fused: bool = False) -> int:
     """Advance every job by one step with one model pass. All jobs must share a length.
 
-    `fused` (absorbing graph): the step maths and the draw as one torch.compile'd pass
-    (`gumbel_max_choice`; for GPUs, compiles on the first steps) instead of the in-place kernels.
+    `fused` (absorbing graph): each position's max and sum of exponentials as one torch.compile'd pass
+    (`masked_stats`; for GPUs, compiles on the first steps) instead of the in-place kernels.
     Returns the number of positions that got the vocabulary-wide maths."""
     if not jobs:
         return 0
-    x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
+    batch = StepBatch.of(noise, jobs)
     if graph.absorb:
-        step = _fused_absorbing_step if fused else _absorbing_step
-        x, work, masks_left = step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+        x, work, masks_left = _absorbing_step(model, graph, batch, fused)
     else:
-        x, work = _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate)
+        x, work = _uniform_step(model, graph, batch)
         masks_left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # no mask state
     _advance(jobs, x, masks_left)
     return work
+
+
+def _advance(jobs: Sequence[Job], x: torch.Tensor, masks_left: torch.Tensor) -> None:
+    """Hand each job its rows of the step's result, fixed text written back (the uniform graph draws every
+    position, so without it step records and the final answer could show kept text changed). A greedy
+    job's rows become copies of its first row, the one its step decided."""
+    start = 0
+    for job in jobs:
+        rows = slice(start, start + job.rows)
+        if job.controls.greedy and job.rows > 1:
+            job.x = x[start].expand(job.rows, -1).clone()
+            job.masks_left = masks_left[start].expand(job.rows).clone()
+        else:
+            job.x, job.masks_left = x[rows], masks_left[rows]
+        job.step_index += 1
+        job.restore_fixed()
+        start += job.rows
 
 
 @torch.inference_mode()
 def masked_log_probs(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> torch.Tensor:
     """What the jobs' next step would draw from, without drawing or advancing them (absorbing graph).
 
-    The unnormalised log probabilities (N, V) at the rows' masked positions, row-major: the fast path's
-    log of the SPEC's euler / analytic / denoise probabilities (-inf where a probability is not positive)."""
+    The log probabilities (N, V) at the rows' masked positions, row-major: log(coef S' q'_y) for the real
+    tokens (q' the clean-token distribution after the job's controls) and log(1 - coef S') for staying
+    masked, -inf where a probability is not positive. With the default controls these are the euler /
+    analytic / denoise probabilities of the module docstring, unnormalised as the authors' are where
+    coef S' > 1 (the draw then reveals for certain). Greedy jobs (temperature 0) draw nothing: refused."""
     if not graph.absorb:
         raise ValueError("masked_log_probs is for the absorbing graph")
-    x, kind, t, dt, sigma, dsigma_rate = _batch(noise, jobs)
-    found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
-    return found[0].clone() if found else torch.empty(0, graph.dim, device=x.device)
+    if any(job.controls.greedy for job in jobs):
+        raise ValueError("a job at temperature 0 is deterministic: it has no distribution to show")
+    batch = StepBatch.of(noise, jobs)
+    scores = _masked_log_scores(model, graph, batch)
+    if scores is None:
+        return torch.empty(0, graph.dim, device=batch.x.device)
+    peak, mass = masked_stats(scores.log_score)
+    reveal = scores.coef.double() * mass.double() * peak.double().exp()  # coef * S'
+    weights = _token_weights(scores.real, peak, _position_controls(batch, scores.counts))
+    log_q = weights.log() - weights.sum(dim=1, keepdim=True).log()
+    stay = torch.where(scores.may_stay & (reveal < 1), torch.log1p(-reveal.clamp_max(1)), -torch.inf)
+    return torch.cat([log_q + reveal.log()[:, None], stay[:, None]], dim=1).float()
 
 
-def _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
-    """(log probs (N, V) at the masked positions, their flat index, masked count per row, row of each
-    position), or None when no position is masked. On a CPU the log probs live in a workspace buffer that
-    the next step reuses."""
-    found = _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
-    if found is None:
-        return None
-    log_score, coef, mask_allowed, index, counts, row_of = found
-    scratch = _workspace.get("noise", len(index), graph.dim, x.device)
-    return _log_probs_in_place(log_score, coef, mask_allowed, scratch), index, counts, row_of
-
-
-def _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
-    """What the step maths start from, or None when no position is masked: (log score (N, V) float32 at
-    the masked positions, each position's coefficient and whether it may stay masked, both (N,),
-    the positions' flat index, masked count per row, row of each position)."""
+def _masked_log_scores(model, graph: Graph, batch: StepBatch) -> MaskedScores | None:
+    """The network's log scores at the batch's masked positions, or None when no position is masked."""
+    x = batch.x
     masked = (x == graph.mask).reshape(-1)
     counts = masked.view(x.shape).sum(dim=1).tolist()  # the step's one host sync: it sizes the output
     total = sum(counts)
@@ -240,155 +364,244 @@ def _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate):
         return None
     index = _nonzero(masked, total)  # flat masked positions, row-major
     row_of = torch.div(index, x.shape[1], rounding_mode="floor")
-    vocab = graph.dim
-    out = _workspace.get("scores", total, vocab, x.device) if x.device.type == "cpu" else None
-    log_score = model.log_score_at_index(x, sigma, index, out=out, row_of=row_of)
-
-    ds = sigma - noise.total((t - dt).clamp_min(0))
-    coef = torch.where(kind == EULER, dt * dsigma_rate, torch.expm1(torch.where(kind == DENOISE, sigma, ds)))
-    return log_score, coef[row_of], (kind != DENOISE)[row_of], index, counts, row_of
+    out = _workspace.get("scores", total, graph.dim, x.device) if x.device.type == "cpu" else None
+    log_score = model.log_score_at_index(x, batch.sigma, index, out=out, row_of=row_of)
+    return MaskedScores(log_score, batch.absorbing_coefficient()[row_of], (batch.kind != DENOISE)[row_of],
+                        index, counts, row_of)
 
 
-def _log_probs_in_place(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor,
-                        scratch: torch.Tensor) -> torch.Tensor:
-    """The step's log probs (N, V), written over `log_score`; `scratch` (N, V) holds temporaries.
-
-    p_y = coef * s_y for the real tokens and p_mask = 1 - coef * S' (S' = sum of the s_y), or 0 where
-    the mask may not stay (denoise). The reference for `step_log_probs`."""
-    real = log_score[:, :-1]
-    others = _log_sum_exp(real, scratch[:, :-1]).exp()  # S'
-    p_mask = 1 - coef * others
-    log_p_mask = torch.where(mask_allowed & (p_mask > 0), torch.log(p_mask.clamp_min(1e-38)), -torch.inf)
-    real.add_(torch.log(coef)[:, None])
-    log_score[:, -1] = log_p_mask
-    return log_score
-
-
-def _absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
-    found = _absorbing_log_probs(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
-    if found is None:
-        return x, 0, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    logits, index, counts, row_of = found
-    noise_log = _gumbel(_per_job(jobs, counts), graph.dim, [job.generator for job in jobs], x.device)
-    choice = torch.argmax(logits.sub_(noise_log), dim=-1)  # Gumbel-max: argmax(logits - log E)
-    x.view(-1).index_copy_(0, index, choice)  # x is this step's own copy (torch.cat)
-    return x, len(index), _masks_left(x, row_of, choice, graph.mask)
-
-
-def _fused_parts(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor):
-    """(log scores of the real tokens, log coef, log p_mask), float32. S' is the plain sum of exp(log score),
-    as the authors take it (their sampler exponentiates the network's output), so that one loop over a
-    row gives S' and the noisy maximum together."""
+def masked_stats(log_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peak, mass) of each row of (N, V) log scores over its real tokens (all columns but the last):
+    the largest log score, and the sum of exp(log score - peak), both float32. S' = mass * e^peak.
+    The fused step's maths (`compiled_masked_stats`); `_masked_stats_in_place` computes the same."""
     real = log_score[:, :-1].float()
-    p_mask = 1 - coef * real.exp().sum(dim=-1)
-    log_p_mask = torch.where(mask_allowed & (p_mask > 0), torch.log(p_mask.clamp_min(1e-38)), -torch.inf)
-    return real, torch.log(coef), log_p_mask
+    peak = real.amax(dim=-1)
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return peak, (real - safe[:, None]).exp().sum(dim=-1)
 
 
-def step_log_probs(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor) -> torch.Tensor:
-    """The fused path's log probs (N, V) as a new tensor: what `gumbel_max_choice` draws from, and
-    `_log_probs_in_place`'s maths up to float32 rounding."""
-    real, log_coef, log_p_mask = _fused_parts(log_score, coef, mask_allowed)
-    return torch.cat([real + log_coef[:, None], log_p_mask[:, None]], dim=1)
+_compiled_stats = None
 
 
-def gumbel_max_choice(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor,
-                      draws: torch.Tensor, uniform: bool) -> torch.Tensor:
-    """The step's token choice at each masked position (N,): argmax(log p - log noise), the Gumbel-max
-    draw from `step_log_probs`, without materialising the log probs. `draws` (N, V) are `_gumbel_draws`:
-    uniforms (`uniform`, turned into exponentials by the authors' -log(u)) or exponentials.
-
-    log coef is the same for a row's real tokens, so their best is argmax(log s - log noise); the mask
-    column wins only where its own noisy value is higher. Every reduction reads the row once, in one
-    loop when compiled (`compiled_gumbel_max_choice`)."""
-    if uniform:
-        noise_log = torch.log(torch.log(draws + 1e-10).neg() + 1e-10)
-    else:
-        noise_log = torch.log(draws)
-    real, log_coef, log_p_mask = _fused_parts(log_score, coef, mask_allowed)
-    best_value, best = (real - noise_log[:, :-1]).max(dim=-1)
-    stay = log_p_mask - noise_log[:, -1] > best_value + log_coef  # ties go to the lower index, as argmax
-    return torch.where(stay, real.shape[1], best)
-
-
-_compiled_choice = None
-
-
-def compiled_gumbel_max_choice(log_score: torch.Tensor, coef: torch.Tensor, mask_allowed: torch.Tensor,
-                               draws: torch.Tensor, uniform: bool) -> torch.Tensor:
-    """`gumbel_max_choice` through torch.compile: generated kernels read the log scores and draws once
-    and write only the (N,) choices. Compiled on first use, once: the masked count N is marked dynamic
-    (the vocabulary stays static), and a single position is padded to two so that N = 1 does not get a
-    graph of its own in the middle of a run."""
-    global _compiled_choice
-    if _compiled_choice is None:
-        _compiled_choice = torch.compile(gumbel_max_choice)
+def compiled_masked_stats(log_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_stats` through torch.compile: generated kernels read the log scores once and write only
+    the (N,) results. Compiled on first use, once: the masked count N is marked dynamic (the vocabulary
+    stays static), and a single position is padded to two so that N = 1 does not get a graph of its own
+    in the middle of a run."""
+    global _compiled_stats
+    if _compiled_stats is None:
+        _compiled_stats = torch.compile(masked_stats)
     n = log_score.shape[0]
     if n == 1:
-        log_score, coef, mask_allowed, draws = (torch.cat([v, v]) for v in (log_score, coef, mask_allowed, draws))
-    for value in (log_score, coef, mask_allowed, draws):
-        torch._dynamo.mark_dynamic(value, 0)
-    return _compiled_choice(log_score, coef, mask_allowed, draws, uniform)[:n]
+        log_score = torch.cat([log_score, log_score])
+    torch._dynamo.mark_dynamic(log_score, 0)
+    peak, mass = _compiled_stats(log_score)
+    return peak[:n], mass[:n]
 
 
-def _fused_absorbing_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
-    found = _masked_log_scores(model, graph, noise, x, kind, t, dt, sigma, dsigma_rate)
-    if found is None:
+def _masked_stats_in_place(scores: MaskedScores, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_stats` with the exponentials in a reused scratch buffer instead of new memory."""
+    real = scores.real
+    scratch = _workspace.get("scratch", real.shape[0], real.shape[1], device)
+    peak = real.amax(dim=-1)
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    torch.sub(real, safe[:, None], out=scratch).exp_()
+    return peak, scratch.sum(dim=-1)
+
+
+def _reveal_probability(scores: MaskedScores, peak: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """r = coef * S' per position in float64, 1 where the position may not stay masked (a final denoise,
+    or coef * S' >= 1: p_mask would not be positive)."""
+    r = scores.coef.double() * mass.double() * peak.double().exp()
+    return torch.where(scores.may_stay & (r < 1), r, torch.ones_like(r))
+
+
+def _absorbing_step(model, graph: Graph, batch: StepBatch, fused: bool):
+    """(x after the step, positions that got the vocabulary-wide maths, masks left per row)."""
+    x = batch.x
+    scores = _masked_log_scores(model, graph, batch)
+    if scores is None:
         return x, 0, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    log_score, coef, mask_allowed, index, counts, row_of = found
-    draws = _gumbel_draws(_per_job(jobs, counts), graph.dim, [job.generator for job in jobs], x.device)
-    choice = compiled_gumbel_max_choice(log_score, coef, mask_allowed, draws, x.device.type == "cpu")
-    x.view(-1).index_copy_(0, index, choice)
-    return x, len(index), _masks_left(x, row_of, choice, graph.mask)
-
-
-def _masks_left(x: torch.Tensor, row_of: torch.Tensor, choice: torch.Tensor, mask: int) -> torch.Tensor:
-    """Masked count per row after the step: this step's masked positions that drew the mask again
-    (no count over x, no host sync)."""
+    peak, mass = compiled_masked_stats(scores.log_score) if fused else _masked_stats_in_place(scores, x.device)
+    choice = _absorbing_choice(graph, batch, scores, peak, mass)
+    x.view(-1).index_copy_(0, scores.index, choice)  # x is this step's own copy (torch.cat)
     left = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    return left.index_add_(0, row_of, (choice == mask).long())
+    return x, len(scores.index), left.index_add_(0, scores.row_of, (choice == graph.mask).long())
 
 
-def _per_job(jobs: Sequence[Job], counts: list[int]) -> list[int]:
-    """Per-row counts summed over each job's rows."""
-    sums, start = [], 0
-    for job in jobs:
-        sums.append(sum(counts[start : start + job.rows]))
-        start += job.rows
-    return sums
+def _absorbing_choice(graph: Graph, batch: StepBatch, scores: MaskedScores, peak: torch.Tensor,
+                      mass: torch.Tensor) -> torch.Tensor:
+    """The token (or the mask, to stay) at each masked position: random jobs reveal where u < r and draw
+    the token from q' with a second uniform; greedy jobs reveal by the schedule and confidence."""
+    device = batch.x.device
+    n = len(scores.index)
+    spans = batch.job_spans(scores.counts)
+    uniforms = _uniforms(spans, n, device)  # greedy jobs' positions get 2: never revealed by a draw
+    choice = torch.full((n,), graph.mask, dtype=torch.long, device=device)
+    at = _nonzero(uniforms[:, 0] < _reveal_probability(scores, peak, mass))
+    if len(at):
+        controls = _position_controls(batch, scores.counts)
+        choice[at] = _draw_tokens(scores.real[at], peak[at], uniforms[at, 1],
+                                  None if controls is None else controls.take(at))
+    for span in spans:
+        if span.job.controls.greedy and span.end > span.start:
+            found = _greedy_reveals(span, batch.noise, scores, mass)
+            if found is not None:
+                choice[found[0]] = found[1]
+    return choice
 
 
-def _nonzero(flags: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the set entries of a 1-D bool tensor whose count is known (no second sync on a GPU)."""
-    if flags.device.type != "cpu" and hasattr(torch, "nonzero_static"):
+def _uniforms(spans: Sequence[JobSpan], n: int, device) -> torch.Tensor:
+    """(n, 2) float64 uniforms, each job's positions from its own generator: column 0 decides reveal (or
+    move), column 1 the token. Greedy jobs draw none (their rows get 2, which no probability exceeds)."""
+    out = torch.full((n, 2), 2.0, dtype=torch.float64, device=device)
+    for job, _, start, end in spans:
+        if end > start and not job.controls.greedy:
+            torch.rand((end - start, 2), generator=job.generator, dtype=torch.float64, device=device,
+                       out=out[start:end])
+    return out
+
+
+def _schedule_masked_share(noise: Noise, t: float) -> float:
+    """The share of positions the forward process has masked at time t: 1 - e^-sigma(t)."""
+    return float(-torch.expm1(-noise.total(torch.tensor(max(t, 0.0), dtype=torch.float64))))
+
+
+def _greedy_reveals(span: JobSpan, noise: Noise, scores: MaskedScores,
+                    mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A greedy job's step, decided on its first row: (positions to reveal, their tokens), or None.
+
+    After a predictor step from t to s = t - dt, round(free * share(s) / share(1)) positions stay masked,
+    share(t) = 1 - e^-sigma(t) being the schedule's masked share (whichever predictor); the final denoise
+    reveals every one left. The revealed ones are those whose most likely token is the most likely (the
+    smallest mass: the top probability is 1 / mass), ties to the earlier position; each takes its most
+    likely token (ties to the lower id)."""
+    job, masked = span.job, scores.counts[span.row]
+    kind, t, dt = job.next_action()
+    if kind == DENOISE:
+        reveal = masked
+    else:
+        share = _schedule_masked_share(noise, t - dt) / _schedule_masked_share(noise, job.grid[0])
+        reveal = masked - math.floor(job.free_positions * share + 0.5)
+    if reveal <= 0:
+        return None
+    at = span.start + torch.sort(mass[span.start : span.start + masked], stable=True).indices[:reveal]
+    return at, scores.real[at].argmax(dim=1)
+
+
+@dataclass
+class _PositionControls:
+    """The controls of each position's job, as tensors; None where every job has the default."""
+
+    temperature: torch.Tensor | None  # float64 (N,)
+    top_k: torch.Tensor | None  # long (N,), 0 = off
+    top_p: torch.Tensor | None  # float64 (N,)
+    min_p: torch.Tensor | None  # float64 (N,)
+    top_k_max: int
+
+    def take(self, at: torch.Tensor) -> _PositionControls:
+        pick = [None if v is None else v[at] for v in (self.temperature, self.top_k, self.top_p, self.min_p)]
+        return _PositionControls(*pick, self.top_k_max)
+
+
+def _position_controls(batch: StepBatch, counts: Sequence[int]) -> _PositionControls | None:
+    """Per position (row-major, `counts` per row) its job's controls; None when no job reshapes q."""
+    spans = batch.job_spans(counts)
+    if not any(span.job.controls.reshapes for span in spans):
+        return None
+    sizes = torch.tensor([span.end - span.start for span in spans])
+    device = batch.x.device
+
+    def per_position(name: str, off, dtype):
+        values = [1.0 if span.job.controls.greedy and name == "temperature" else getattr(span.job.controls, name)
+                  for span in spans]
+        if all(v == off for v in values):
+            return None
+        return torch.tensor(values, dtype=dtype).repeat_interleave(sizes).to(device)
+
+    return _PositionControls(per_position("temperature", 1.0, torch.float64), per_position("top_k", 0, torch.long),
+                             per_position("top_p", 1.0, torch.float64), per_position("min_p", 0.0, torch.float64),
+                             max(span.job.controls.top_k for span in spans))
+
+
+def _token_weights(log_w: torch.Tensor, peak: torch.Tensor, controls: _PositionControls | None) -> torch.Tensor:
+    """The unnormalised distribution q' a revealed position draws its token from, (R, W) float64 with the
+    most likely token at 1: exp((log w - peak) / temperature), then top_k, top_p and min_p keep the tokens
+    `SamplingControls` says (their weights unchanged, the others 0)."""
+    z = log_w.double() - peak.double()[:, None]
+    if controls is not None and controls.temperature is not None:
+        z = z.div_(controls.temperature[:, None])
+    w = z.exp_()
+    if controls is None:
+        return w
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    if controls.top_k is not None:
+        k, most = controls.top_k, min(controls.top_k_max, w.shape[1])
+        kth = w.topk(most, dim=1).values.gather(1, (k.clamp(1, most) - 1)[:, None])
+        w = torch.where((k[:, None] == 0) | (w >= kth), w, zero)
+    if controls.top_p is not None:
+        p = controls.top_p
+        ordered = w.sort(dim=1, descending=True).values
+        before = ordered.cumsum(dim=1).sub_(ordered)  # mass of the more likely tokens
+        kept = (before < p[:, None] * ordered.sum(dim=1, keepdim=True)).sum(dim=1)  # >= 1: before[0] = 0
+        cut = ordered.gather(1, (kept - 1)[:, None])
+        w = torch.where((p[:, None] >= 1) | (w >= cut), w, zero)
+    if controls.min_p is not None:
+        w = torch.where(w >= controls.min_p[:, None], w, zero)
+    return w
+
+
+def _draw_tokens(log_w: torch.Tensor, peak: torch.Tensor, u: torch.Tensor,
+                 controls: _PositionControls | None) -> torch.Tensor:
+    """One token per row of log weights (R, W), drawn from `_token_weights` by inverse CDF: the first
+    index whose float64 running sum exceeds u * total. Every token whose weight is above about 1e-16 of
+    the total can be drawn, with its probability to that precision; a token of weight 0 never is."""
+    cum = _token_weights(log_w, peak, controls).cumsum_(dim=1)
+    chosen = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1)
+    # u * total rounds up to the total once in about 2^53 draws: then the most likely token
+    return torch.where(chosen < cum.shape[1], chosen, log_w.argmax(dim=1))
+
+
+def _uniform_step(model, graph: Graph, batch: StepBatch) -> tuple[torch.Tensor, int]:
+    """The uniform graph's step: the vocabulary-wide probs at every position, then "move or stay" with
+    one uniform and the token among the moves (reshaped by the controls) with another."""
+    if any(job.controls.greedy for job in batch.jobs):
+        raise ValueError("temperature 0 needs an absorbing-graph model: the uniform graph starts from random "
+                         "tokens, so no request on it is deterministic")
+    x, kind = batch.x, batch.kind
+    score = model(x, batch.sigma).float().exp()
+    probs = torch.empty(*x.shape, graph.dim, device=x.device)
+    for k in kind.unique().tolist():
+        rows = kind == k
+        if k == EULER:
+            probs[rows] = graph.euler_probs(x[rows], score[rows], batch.dt[rows, None], batch.dsigma_rate[rows, None])
+        elif k == ANALYTIC:
+            probs[rows] = graph.analytic_probs(x[rows], score[rows], batch.ds[rows, None])
+        else:
+            probs[rows] = graph.denoise_probs(x[rows], score[rows], batch.sigma[rows, None])
+    weights = probs.view(-1, graph.dim).clamp_min_(0)  # the authors' draw gives no weight to p <= 0 too
+    current = x.reshape(-1)
+    total = weights.sum(dim=1, dtype=torch.float64)
+    stay = weights.gather(1, current[:, None]).squeeze(1).double()
+    move = torch.where(total > 0, (total - stay) / total, torch.zeros_like(total))
+    weights.scatter_(1, current[:, None], 0.0)  # what remains: the moves
+    counts = [x.shape[1]] * x.shape[0]
+    uniforms = _uniforms(batch.job_spans(counts), len(current), x.device)
+    at = _nonzero(uniforms[:, 0] < move)
+    choice = current.clone()
+    if len(at):
+        log_w = weights[at].log()
+        controls = _position_controls(batch, counts)
+        choice[at] = _draw_tokens(log_w, log_w.amax(dim=1), uniforms[at, 1],
+                                  None if controls is None else controls.take(at))
+    return choice.view_as(x), choice.numel()
+
+
+def _nonzero(flags: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Indices of the set entries of a 1-D bool tensor; with their count known, no second sync on a GPU."""
+    if count is not None and flags.device.type != "cpu" and hasattr(torch, "nonzero_static"):
         try:
             return torch.nonzero_static(flags, size=count).squeeze(1)
         except (NotImplementedError, RuntimeError):  # not on this device in this PyTorch version
             pass
     return flags.nonzero().squeeze(1)
-
-
-def _log_sum_exp(values: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim of (N, W) `values`, using `scratch` (N, W) instead of new memory."""
-    peak = values.amax(dim=-1, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    torch.sub(values, peak, out=scratch).exp_()
-    return scratch.sum(dim=-1).log_().add_(peak.squeeze(-1))
-
-
-def _general_step(model, graph, noise, jobs, x, kind, t, dt, sigma, dsigma_rate):
-    score = model(x, sigma).float().exp()
-    probs = torch.empty(*x.shape, graph.dim, device=x.device)
-    ds = sigma - noise.total((t - dt).clamp_min(0))
-    for k in kind.unique().tolist():
-        rows = kind == k
-        if k == EULER:
-            probs[rows] = graph.euler_probs(x[rows], score[rows], dt[rows, None], dsigma_rate[rows, None])
-        elif k == ANALYTIC:
-            probs[rows] = graph.analytic_probs(x[rows], score[rows], ds[rows, None])
-        else:
-            probs[rows] = graph.denoise_probs(x[rows], score[rows], sigma[rows, None])
-    logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-38)), -torch.inf).flatten(0, 1)
-    noise_log = _gumbel([job.rows * job.length for job in jobs], graph.dim, [j.generator for j in jobs], x.device)
-    choice = torch.argmax(logits.sub_(noise_log), dim=-1)
-    return choice.view_as(x), choice.numel()

@@ -38,6 +38,37 @@ def test_bad_input_exits_2_with_a_message(tiny_five):
     assert out.returncode == 2 and "neither a folder nor a known source" in out.stderr
 
 
+def test_sampling_controls_flags(tiny_five):
+    """--temperature 0: every sample the same text, whatever the seed; the flags land in --json; explicit
+    defaults are the default run."""
+    base = ("sample", "--model", str(tiny_five), "--steps", "8", "--num-samples", "2", "--json")
+    greedy = [run(*base, "--temperature", "0", "--seed", seed) for seed in ("1", "2")]
+    assert all(out.returncode == 0 for out in greedy), greedy[0].stderr
+    texts = [[json.loads(line)["text"] for line in out.stdout.splitlines()] for out in greedy]
+    assert texts[0] == texts[1] and len(set(texts[0])) == 1
+    line = json.loads(greedy[0].stdout.splitlines()[0])
+    assert (line["temperature"], line["top_p"], line["top_k"], line["min_p"]) == (0.0, 1.0, 0, 0.0)
+    plain = run(*base, "--seed", "5")
+    explicit = run(*base, "--seed", "5", "--temperature", "1", "--top-p", "1", "--top-k", "0", "--min-p", "0")
+    assert plain.returncode == explicit.returncode == 0 and plain.stdout == explicit.stdout
+    infill = run("infill", "--model", str(tiny_five), "--prefix", "di", "--steps", "8", "--top-k", "1", "--top-p",
+                 "0.5", "--temperature", "0.7", "--json")
+    assert infill.returncode == 0 and json.loads(infill.stdout)["text"].startswith("di"), infill.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("--temperature", "-1", "temperature must be a number of at least 0"),
+    ("--top-p", "0", "top_p must be a number greater than 0 and at most 1"),
+    ("--top-p", "1.5", "top_p must be a number greater than 0 and at most 1"),
+    ("--top-k", "-2", "top_k must be an integer of at least 0"),
+    ("--min-p", "2", "min_p must be a number between 0 and 1"),
+])
+def test_out_of_range_controls_exit_2_naming_the_flag_and_range(flag, value, words):
+    """Checked before any model loads (the model named here does not exist)."""
+    out = run("sample", "--model", "/nonexistent", flag, value)
+    assert out.returncode == 2 and f"argument {flag}: {words}" in out.stderr, out.stderr
+
+
 def test_info_json(tiny_five):
     out = run("info", "--model", str(tiny_five), "--json")
     assert out.returncode == 0, out.stderr

@@ -91,7 +91,8 @@ def test_uniform_graph_samples_and_projects(tmp_path, tiny_config, write_oxen_fo
     folder = write_oxen_folder(tmp_path / "uniform", tiny_config(tokens=98, graph="uniform", length=16))
     lm = sedd_core.load(folder, device="cpu")
     texts = sedd_core.generate(lm, num_samples=4, steps=6, seed=5, prefix="abc", suffix="xyz")
-    assert all(len(t) == 16 and t.startswith("abc") and t.endswith("xyz") for t in texts)
+    # 16 tokens each; a random-weight model may draw [PAD], which decodes to nothing
+    assert all(len(t) <= 16 and t.startswith("abc") and t.endswith("xyz") for t in texts)
     # ... after every step (each resamples every position, the final denoise too), so no state shows other text
     job = make_job(lm, num_samples=64, steps=3, seed=6, segments=[3, "mid", 10])
     kept = torch.tensor(lm.tokenizer.encode("mid"))

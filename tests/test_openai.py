@@ -124,7 +124,7 @@ def test_a_client_that_leaves_a_stream_cancels_every_prompt(client, tiny_server,
     assert _cancelled(tiny_server) == before + 2  # both prompts' jobs left the engine unfinished
 
 
-@pytest.mark.parametrize(("field", "value"), [("temperature", 0.5), ("top_p", 0.9), ("logprobs", 2),
+@pytest.mark.parametrize(("field", "value"), [("logprobs", 2),
                                               ("echo", True), ("best_of", 3), ("frequency_penalty", 0.1),
                                               ("presence_penalty", -1.0), ("logit_bias", {"7": 10})])
 def test_parameters_we_cannot_honour_are_refused_by_name(client, field, value):
@@ -266,4 +266,6 @@ def test_a_uniform_graph_model_streams_its_final_text(tmp_path, tiny_config, wri
             [(c.index, c.text, "length") for c in expected]]  # one chunk: every choice's whole text
         canvases = list(client.completions.create(stream=True, **{**request, "extra_body": {
             "steps": 8, "denoising": True}}))
-        assert len(canvases) == 9 and all(len(chunk.choices[0].text) == 8 for chunk in canvases)
+        # 8 positions each ([PAD], which a random model may draw, decodes to nothing), the prompt kept
+        assert len(canvases) == 9 and all(len(chunk.choices[0].text) <= 8 and chunk.choices[0].text.startswith("ab")
+                                          for chunk in canvases)

@@ -96,8 +96,8 @@ async def test_the_pages_modules_are_served_as_javascript_and_packaged(tiny_clie
 @pytest.mark.anyio
 async def test_sample_json_reports_a_reproducible_seed(tiny_client):
     answer = (await tiny_client.post("/sample", json={"num_samples": 2, "steps": 32})).json()
-    assert set(answer) == {"id", "model", "samples", "num_samples", "steps", "predictor", "length", "seed",
-                           "timing"}
+    assert set(answer) == {"id", "model", "samples", "num_samples", "steps", "predictor", "temperature", "top_p",
+                           "top_k", "min_p", "length", "seed", "timing"}
     assert answer["model"] == "tiny-five" and answer["num_samples"] == 2 and answer["steps"] == 32
     assert answer["predictor"] == "analytic" and answer["length"] == 12
     assert 0 <= answer["seed"] < 2**53  # exact in JavaScript too
@@ -210,7 +210,14 @@ BAD_INPUTS = [
     ("/sample", {"stream_every": 0}, ["stream_every"]),
     ("/sample", {"predictor": "ddim"}, ["predictor", "analytic", "euler"]),
     ("/sample", {"seed": -1}, ["seed"]),
-    ("/sample", {"temperature": 0.7}, ["temperature", "unknown field"]),
+    ("/sample", {"temprature": 0.7}, ["temprature", "unknown field"]),
+    ("/sample", {"temperature": -0.5}, ["temperature", "at least 0", "-0.5"]),
+    ("/sample", {"top_p": 1.5}, ["top_p", "greater than 0 and at most 1", "1.5"]),
+    ("/sample", {"top_p": 0}, ["top_p", "greater than 0 and at most 1"]),
+    ("/infill", {"top_k": -1}, ["top_k", "integer of at least 0"]),
+    ("/infill", {"top_k": 1.5}, ["top_k", "integer"]),
+    ("/sample", {"min_p": 2}, ["min_p", "between 0 and 1"]),
+    ("/sample", {"temperature": "hot"}, ["temperature", "number"]),
     ("/sample", {"prefix": "di"}, ["prefix", "unknown field"]),
     ("/infill", {"prefix": "hello world!", "suffix": "x"}, ["prefix", "suffix", "12"]),
     ("/infill", {"prefix": "caf\u00e9!"}, ["prefix", "\u00e9"]),

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_OUTPUT = REPO_ROOT / "test-output"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-CONTROLS = ["mode", "prefix", "suffix", "steps", "predictor", "length", "seed", "samples"]
+CONTROLS = ["mode", "prefix", "suffix", "steps", "predictor", "length", "seed", "samples", "temperature", "top-p"]
 MASK = "\u2591"
 
 
@@ -201,6 +201,38 @@ def test_stop_aborts_the_stream(page):
     assert page.errors == []
 
 
+def test_temperature_and_top_p_fields(page):
+    """The API's defaults; temperature 0 gives one text whatever the seed; they go into every request."""
+    assert page.input_value("#temperature") == "1" and page.input_value("#top-p") == "1"
+    sent = []
+    page.on("request", lambda req: sent.append(json.loads(req.post_data)) if req.method == "POST" else None)
+    page.fill("#samples", "2")
+    page.fill("#steps", "12")
+    page.fill("#temperature", "0")
+    texts = []
+    for seed in ("1", "2"):
+        page.fill("#seed", seed)
+        page.click("#generate")
+        page.wait_for_selector("#status.done")
+        texts.append(page.locator("#output .sample .text").all_text_contents())
+    assert texts[0] == texts[1] and len(set(texts[0])) == 1 and MASK not in texts[0][0]
+    assert "deterministic" in page.text_content("#status")
+    assert [(body["temperature"], body["top_p"]) for body in sent] == [(0, 1), (0, 1)]
+    page.fill("#temperature", "0.7")
+    page.fill("#top-p", "0.9")
+    page.click("#generate")
+    page.wait_for_selector("#status.done")
+    assert (sent[-1]["temperature"], sent[-1]["top_p"]) == (0.7, 0.9)
+    assert "temperature 0.7" in page.text_content("#status") and "top-p 0.9" in page.text_content("#status")
+    # out of range (past the browser's own validation): the server's message, which states the range
+    page.evaluate("document.getElementById('form').noValidate = true")
+    page.fill("#top-p", "1.5")
+    page.click("#generate")
+    page.wait_for_selector("#status.error")
+    assert "top_p" in page.text_content("#status") and "at most 1" in page.text_content("#status")
+    assert [e for e in page.errors if "status of 4" not in e] == []
+
+
 @pytest.mark.parametrize("bad, expected", [
     ("prefix", "cannot encode"),  # a character outside tiny-five's vocabulary
     ("steps", "steps"),  # steps 0, past the browser's own validation
@@ -339,7 +371,7 @@ def test_rewrite_changes_only_the_selected_span(page):
     page.click("#rewrite")
     page.wait_for_selector("#status.done")
     assert sent == [{"text": before[1], "spans": [[3, 8]], "num_samples": 1, "steps": 24, "predictor": "analytic",
-                     "seed": 8, "stream": True, "stream_every": 1, "pieces": True}]
+                     "temperature": 1, "top_p": 1, "seed": 8, "stream": True, "stream_every": 1, "pieces": True}]
     steps = page.evaluate("window.__steps")
     assert steps and steps[0]["masks"] == 5  # the span went back to masks, only it
     assert "Rewrote a span of sample 2" in page.text_content("#status")

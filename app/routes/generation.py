@@ -137,7 +137,8 @@ async def _generate(request: Request, state: ServerState, body: GenerationOption
     seed = body.seed if body.seed is not None else new_seed()
     placement = canvas(lm)
     try:
-        job = make_job(lm, num_samples=body.num_samples, steps=steps, predictor=body.predictor, seed=seed, **placement)
+        job = make_job(lm, num_samples=body.num_samples, steps=steps, predictor=body.predictor, seed=seed,
+                       **body.controls(), **placement)
     except GenerationError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
 

@@ -86,7 +86,8 @@ async def retrieve_model(model: str, state: ReadyState) -> ModelCard:
              summary="OpenAI-compatible completions; `suffix` makes it an infill")
 async def completions(body: CompletionRequest, request: Request, state: ReadyState):
     """The text between `prompt` and `suffix`, `max_tokens` long (default: the rest of the model's canvas),
-    `n` times per prompt. Diffusion settings as extra fields: `steps`, `predictor`, `denoising`."""
+    `n` times per prompt. Sampling controls: `temperature`, `top_p`, and as extra fields `top_k`, `min_p`.
+    Diffusion settings as extra fields: `steps`, `predictor`, `denoising`."""
     lm, settings = state.lm, state.settings
     check_model(body.model, state)
     if (refused := refused_parameter(body)) is not None:
@@ -146,9 +147,9 @@ def _job(state: ServerState, body: CompletionRequest, prompt: str, steps: int, s
                           param="max_tokens" if body.max_tokens is not None else "prompt")
     try:
         return make_job(lm, num_samples=body.n, steps=steps, predictor=body.predictor, seed=seed,
-                        segments=[prompt_kept, gap, suffix_kept])
+                        segments=[prompt_kept, gap, suffix_kept], **body.controls())
     except GenerationError as exc:
-        raise OpenAIError(400, str(exc), param="prompt") from None
+        raise OpenAIError(400, str(exc), param=exc.field or "prompt") from None
 
 
 def _tokenized(tokenizer: Tokenizer, field: str, text: str) -> TokenizedText:

@@ -40,9 +40,21 @@ function withIntegers(body, names) {
   return json;
 }
 
-/** A streamed request's JSON: `fields`, the form's predictor, and the named integers from the form. */
+/** A decimal field's number (the server checks its range and says what it allows). */
+function readNumber(input) {
+  const raw = input.value.trim();
+  const value = Number(raw);
+  if (raw === "" || !Number.isFinite(value)) {
+    throw new Error(`${input.labels[0].firstChild.textContent.trim()} must be a number`);
+  }
+  return value;
+}
+
+/** A streamed request's JSON: `fields`, the form's predictor and sampling controls, and the named integers
+ * from the form. */
 export function streamedJson(fields, integers) {
-  const body = { ...fields, predictor: el.predictor.value, stream: true, stream_every: 1, pieces: true };
+  const body = { ...fields, predictor: el.predictor.value, temperature: readNumber(el.temperature),
+    top_p: readNumber(el.topP), stream: true, stream_every: 1, pieces: true };
   for (const name of integers) body[name] = null; // withIntegers writes the typed digits in
   return withIntegers(body, integers);
 }

@@ -50,6 +50,9 @@ function onDone(data, raw) {
   if (Number.isFinite(seconds)) parts.push(`${seconds.toFixed(2)} s`);
   if (data.steps) parts.push(`${data.steps} steps`);
   if (data.predictor) parts.push(data.predictor);
+  if (data.temperature === 0) parts.push("deterministic");
+  else if (data.temperature !== undefined && data.temperature !== 1) parts.push(`temperature ${data.temperature}`);
+  if (data.top_p !== undefined && data.top_p !== 1) parts.push(`top-p ${data.top_p}`);
   // The seed may exceed 2^53: take its digits from the raw JSON, not the parsed number.
   const seedMatch = /"seed"\s*:\s*(-?\d+)/.exec(raw);
   if (seedMatch) parts.push(`seed ${seedMatch[1]}`);

@@ -18,6 +18,8 @@ export const el = {
   predictor: $("predictor"),
   length: $("length"),
   seed: $("seed"),
+  temperature: $("temperature"),
+  topP: $("top-p"),
   samples: $("samples"),
   generate: $("generate"),
   stop: $("stop"),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, fiel
 from pydantic_core import PydanticCustomError
 
 from sedd_core.canvas import MAX_SEGMENTS
-from sedd_core.sampling import ControlError, check_control
+from sedd_core.controls import ControlError, check_control
 
 MAX_SEED = 2**63 - 1
 
@@ -34,7 +34,7 @@ def integral_number(value):
 
 
 # The sampling controls, as every generation endpoint and /v1/completions take them. The ranges are the
-# library's (sedd_core.sampling.check_control), whose messages state them; the schema repeats them.
+# library's (sedd_core.controls.check_control), whose messages state them; the schema repeats them.
 CONTROLS = ("temperature", "top_p", "top_k", "min_p")
 CONTROL_DOCS = {
     "temperature": "reshapes the distribution of the token a revealed position becomes (the clean-token "
@@ -75,7 +75,7 @@ def control_field(name: str, default, nullable: bool = False, note: str = ""):
 
 
 class SamplingFields(BaseModel):
-    """How a revealed position picks its token (sedd_core.sampling.SamplingControls)."""
+    """How a revealed position picks its token (sedd_core.controls.SamplingControls)."""
 
     temperature: float = control_field("temperature", 1.0)
     top_p: float = control_field("top_p", 1.0)

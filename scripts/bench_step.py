@@ -66,7 +66,7 @@ def make_job_at(mask_id: int, length: int, steps: int, k: int, masked: int | Non
     x[0, torch.randperm(length, generator=gen)[:count]] = mask_id
     extra = {}
     if CONTROLS:
-        from sedd_core.sampling import SamplingControls
+        from sedd_core.controls import SamplingControls
 
         extra["controls"] = SamplingControls(**CONTROLS)
     job = Job(x=x, steps=steps, predictor="analytic", generator=gen, **extra)

@@ -42,7 +42,7 @@ CONTROL_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "-
 
 def sampling_controls(args) -> dict:
     """The control flags as `make_job` arguments, checked against their ranges before any model loads."""
-    from sedd_core.sampling import ControlError, SamplingControls
+    from sedd_core.controls import ControlError, SamplingControls
 
     values = {name: getattr(args, name) for name in CONTROL_FLAGS}
     try:

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .canvas import Segment, SegmentError, lay_out
+from .controls import ControlError, SamplingControls
 from .loading import LoadedModel
-from .sampling import PREDICTORS, ControlError, Job, SamplingControls, denoising_step
+from .sampling import PREDICTORS, Job, denoising_step
 from .tokenizers import MASK_PLACEHOLDER, render
 
 
@@ -61,7 +62,7 @@ def infill_segments(lm: LoadedModel, length: int | None, prefix: str = "", suffi
 def sampling_controls(lm: LoadedModel, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       min_p: float = 0.0) -> SamplingControls:
     """The controls, checked against their ranges and against the model (temperature 0 needs the absorbing
-    graph); see `sedd_core.sampling.SamplingControls` for what each does."""
+    graph); see `sedd_core.controls.SamplingControls` for what each does."""
     try:
         controls = SamplingControls(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     except ControlError as exc:
@@ -79,7 +80,7 @@ def make_job(lm: LoadedModel, *, num_samples: int = 1, steps: int = 128, length:
              top_k: int = 0, min_p: float = 0.0) -> Job:
     """A job for `segments` (kept text and gaps, see `sedd_core.canvas`), or for `[prefix, gap, suffix]` on a
     canvas of `length` tokens: the shorthand. `job.gaps` holds the token positions of the gaps.
-    `temperature`, `top_p`, `top_k`, `min_p`: the sampling controls (`sedd_core.sampling.SamplingControls`)."""
+    `temperature`, `top_p`, `top_k`, `min_p`: the sampling controls (`sedd_core.controls.SamplingControls`)."""
     if predictor not in PREDICTORS:
         raise GenerationError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     if steps < 1:

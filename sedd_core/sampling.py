@@ -60,6 +60,7 @@ from typing import NamedTuple
 
 import torch
 
+from .controls import SamplingControls, draw_tokens, position_controls, token_weights
 from .graph import Graph
 from .noise import Noise
 
@@ -70,76 +71,6 @@ EULER, ANALYTIC, DENOISE = 0, 1, 2
 
 def time_grid(steps: int, eps: float = FINAL_TIME) -> torch.Tensor:
     return torch.linspace(1.0, eps, steps + 1)
-
-
-class ControlError(ValueError):
-    """A sampling control out of its range: `field` names it (temperature, top_p, top_k or min_p),
-    `requirement` says what it must be."""
-
-    def __init__(self, field: str, requirement: str, value):
-        super().__init__(f"{field} {requirement}, got {value!r}")
-        self.field, self.requirement, self.value = field, requirement, value
-
-
-CONTROL_REQUIREMENTS = {
-    "temperature": "must be a number of at least 0 (0 = deterministic, default 1)",
-    "top_p": "must be a number greater than 0 and at most 1 (default 1 = off)",
-    "top_k": "must be an integer of at least 0 (default 0 = off)",
-    "min_p": "must be a number between 0 and 1 (default 0 = off)",
-}
-
-
-def check_control(field: str, value) -> None:
-    """Raise `ControlError` unless `value` lies in the range of the sampling control `field`."""
-    integer = field == "top_k"
-    kinds = (int,) if integer else (int, float)
-    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
-    if ok:
-        ok = {"temperature": value >= 0, "top_p": 0 < value <= 1, "top_k": value >= 0,
-              "min_p": 0 <= value <= 1}[field]
-    if not ok:
-        raise ControlError(field, CONTROL_REQUIREMENTS[field], value)
-
-
-@dataclass(frozen=True)
-class SamplingControls:
-    """How a revealed position picks its token: a reshaping of the clean-token distribution q (the
-    names and meanings of OpenAI's and vLLM's sampling parameters). Applied in this order:
-
-    - `temperature` (>= 0, default 1): q_y^(1/temperature), renormalised; below 1 sharper, above 1 flatter.
-      0 is greedy decoding: no randomness at all. Each predictor step reveals as many positions as the
-      noise schedule unmasks on average (the masked share of the job's free positions follows
-      1 - e^-sigma(t), rounded), choosing the positions whose most likely token is the most likely
-      (MaskGIT's and LLaDA's low-confidence remasking; ties to the earlier position), each with its most
-      likely token (ties to the lower id); the final denoise reveals the rest the same way. A job's rows
-      are then one text: the first row's, copied to the others after every step. The other controls
-      have no effect at 0 (the most likely token survives all of them).
-    - `top_k` (integer >= 0, 0 = off): keep the k most likely tokens (and any tied with the k-th).
-    - `top_p` (0 < top_p <= 1, 1 = off): keep the most likely tokens whose probabilities, after the
-      steps above, add up to top_p (the token that crosses it included, and any tied with it).
-    - `min_p` (0 <= min_p <= 1, 0 = off): keep the tokens at least min_p times as likely as the most
-      likely one.
-
-    At the defaults the draw is the model's own: a request that sends them is the request that leaves
-    them out. Out of range: `ControlError`."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-
-    def __post_init__(self):
-        for name in CONTROL_REQUIREMENTS:
-            check_control(name, getattr(self, name))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def reshapes(self) -> bool:
-        """Whether a random draw differs from the model's own distribution (greedy jobs draw no token)."""
-        return not self.greedy and (self.temperature != 1 or self.top_p < 1 or self.top_k > 0 or self.min_p > 0)
 
 
 @dataclass
@@ -348,7 +279,7 @@ def masked_log_probs(model, graph: Graph, noise: Noise, jobs: Sequence[Job]) -> 
         return torch.empty(0, graph.dim, device=batch.x.device)
     peak, mass = masked_stats(scores.log_score)
     reveal = scores.coef.double() * mass.double() * peak.double().exp()  # coef * S'
-    weights = _token_weights(scores.real, peak, _position_controls(batch, scores.counts))
+    weights = token_weights(scores.real, peak, position_controls(batch.job_spans(scores.counts), batch.x.device))
     log_q = weights.log() - weights.sum(dim=1, keepdim=True).log()
     stay = torch.where(scores.may_stay & (reveal < 1), torch.log1p(-reveal.clamp_max(1)), -torch.inf)
     return torch.cat([log_q + reveal.log()[:, None], stay[:, None]], dim=1).float()
@@ -440,8 +371,8 @@ def _absorbing_choice(graph: Graph, batch: StepBatch, scores: MaskedScores, peak
     choice = torch.full((n,), graph.mask, dtype=torch.long, device=device)
     at = _nonzero(uniforms[:, 0] < _reveal_probability(scores, peak, mass))
     if len(at):
-        controls = _position_controls(batch, scores.counts)
-        choice[at] = _draw_tokens(scores.real[at], peak[at], uniforms[at, 1],
+        controls = position_controls(batch.job_spans(scores.counts), batch.x.device)
+        choice[at] = draw_tokens(scores.real[at], peak[at], uniforms[at, 1],
                                   None if controls is None else controls.take(at))
     for span in spans:
         if span.job.controls.greedy and span.end > span.start:
@@ -489,79 +420,6 @@ def _greedy_reveals(span: JobSpan, noise: Noise, scores: MaskedScores,
     return at, scores.real[at].argmax(dim=1)
 
 
-@dataclass
-class _PositionControls:
-    """The controls of each position's job, as tensors; None where every job has the default."""
-
-    temperature: torch.Tensor | None  # float64 (N,)
-    top_k: torch.Tensor | None  # long (N,), 0 = off
-    top_p: torch.Tensor | None  # float64 (N,)
-    min_p: torch.Tensor | None  # float64 (N,)
-    top_k_max: int
-
-    def take(self, at: torch.Tensor) -> _PositionControls:
-        pick = [None if v is None else v[at] for v in (self.temperature, self.top_k, self.top_p, self.min_p)]
-        return _PositionControls(*pick, self.top_k_max)
-
-
-def _position_controls(batch: StepBatch, counts: Sequence[int]) -> _PositionControls | None:
-    """Per position (row-major, `counts` per row) its job's controls; None when no job reshapes q."""
-    spans = batch.job_spans(counts)
-    if not any(span.job.controls.reshapes for span in spans):
-        return None
-    sizes = torch.tensor([span.end - span.start for span in spans])
-    device = batch.x.device
-
-    def per_position(name: str, off, dtype):
-        values = [1.0 if span.job.controls.greedy and name == "temperature" else getattr(span.job.controls, name)
-                  for span in spans]
-        if all(v == off for v in values):
-            return None
-        return torch.tensor(values, dtype=dtype).repeat_interleave(sizes).to(device)
-
-    return _PositionControls(per_position("temperature", 1.0, torch.float64), per_position("top_k", 0, torch.long),
-                             per_position("top_p", 1.0, torch.float64), per_position("min_p", 0.0, torch.float64),
-                             max(span.job.controls.top_k for span in spans))
-
-
-def _token_weights(log_w: torch.Tensor, peak: torch.Tensor, controls: _PositionControls | None) -> torch.Tensor:
-    """The unnormalised distribution q' a revealed position draws its token from, (R, W) float64 with the
-    most likely token at 1: exp((log w - peak) / temperature), then top_k, top_p and min_p keep the tokens
-    `SamplingControls` says (their weights unchanged, the others 0)."""
-    z = log_w.double() - peak.double()[:, None]
-    if controls is not None and controls.temperature is not None:
-        z = z.div_(controls.temperature[:, None])
-    w = z.exp_()
-    if controls is None:
-        return w
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    if controls.top_k is not None:
-        k, most = controls.top_k, min(controls.top_k_max, w.shape[1])
-        kth = w.topk(most, dim=1).values.gather(1, (k.clamp(1, most) - 1)[:, None])
-        w = torch.where((k[:, None] == 0) | (w >= kth), w, zero)
-    if controls.top_p is not None:
-        p = controls.top_p
-        ordered = w.sort(dim=1, descending=True).values
-        before = ordered.cumsum(dim=1).sub_(ordered)  # mass of the more likely tokens
-        kept = (before < p[:, None] * ordered.sum(dim=1, keepdim=True)).sum(dim=1)  # >= 1: before[0] = 0
-        cut = ordered.gather(1, (kept - 1)[:, None])
-        w = torch.where((p[:, None] >= 1) | (w >= cut), w, zero)
-    if controls.min_p is not None:
-        w = torch.where(w >= controls.min_p[:, None], w, zero)
-    return w
-
-
-def _draw_tokens(log_w: torch.Tensor, peak: torch.Tensor, u: torch.Tensor,
-                 controls: _PositionControls | None) -> torch.Tensor:
-    """One token per row of log weights (R, W), drawn from `_token_weights` by inverse CDF: the first
-    index whose float64 running sum exceeds u * total. Every token whose weight is above about 1e-16 of
-    the total can be drawn, with its probability to that precision; a token of weight 0 never is."""
-    cum = _token_weights(log_w, peak, controls).cumsum_(dim=1)
-    chosen = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1)
-    # u * total rounds up to the total once in about 2^53 draws: then the most likely token
-    return torch.where(chosen < cum.shape[1], chosen, log_w.argmax(dim=1))
-
-
 def _uniform_step(model, graph: Graph, batch: StepBatch) -> tuple[torch.Tensor, int]:
     """The uniform graph's step: the vocabulary-wide probs at every position, then "move or stay" with
     one uniform and the token among the moves (reshaped by the controls) with another."""
@@ -591,8 +449,8 @@ def _uniform_step(model, graph: Graph, batch: StepBatch) -> tuple[torch.Tensor, 
     choice = current.clone()
     if len(at):
         log_w = weights[at].log()
-        controls = _position_controls(batch, counts)
-        choice[at] = _draw_tokens(log_w, log_w.amax(dim=1), uniforms[at, 1],
+        controls = position_controls(batch.job_spans(counts), batch.x.device)
+        choice[at] = draw_tokens(log_w, log_w.amax(dim=1), uniforms[at, 1],
                                   None if controls is None else controls.take(at))
     return choice.view_as(x), choice.numel()
 

@@ -14,6 +14,7 @@ import torch
 
 import sedd_core
 from sedd_core import sampling
+from sedd_core.controls import SamplingControls
 from sedd_core.generation import GenerationError, iterate, make_job
 from sedd_core.graph import Absorbing, Uniform
 from sedd_core.noise import LogLinearNoise
@@ -56,7 +57,7 @@ def _absorbing_setup(reveal: float = 0.5, positions: int = 40_000):
     def job(seed: int, **controls):
         return sampling.Job(x=torch.full((1, positions), graph.mask), steps=job_steps,
                             generator=torch.Generator().manual_seed(seed),
-                            controls=sampling.SamplingControls(**controls))
+                            controls=SamplingControls(**controls))
 
     return graph, noise, FixedScores(scores), job
 
@@ -122,7 +123,7 @@ def test_the_uniform_graph_draws_its_formula_and_the_controls_reshape_where_a_po
 
     def run(seed: int, **controls) -> tuple[torch.Tensor, sampling.StepBatch]:
         job = sampling.Job(x=start[None].clone(), steps=4, generator=torch.Generator().manual_seed(seed),
-                           controls=sampling.SamplingControls(**controls))
+                           controls=SamplingControls(**controls))
         batch = sampling.StepBatch.of(noise, [job])
         sampling.denoising_step(network, graph, noise, [job])
         return job.x[0], batch
@@ -151,7 +152,7 @@ def test_explicit_defaults_are_the_default_request(lm):
     explicit = sedd_core.generate(lm, num_samples=4, steps=16, seed=7, temperature=1.0, top_p=1.0, top_k=0,
                                   min_p=0.0)
     assert plain == explicit
-    assert make_job(lm, temperature=1, top_p=1, top_k=0).controls == sampling.SamplingControls()
+    assert make_job(lm, temperature=1, top_p=1, top_k=0).controls == SamplingControls()
 
 
 @pytest.mark.parametrize("canvas", [{}, {"prefix": "di"}, {"suffix": "ok"}, {"segments": [3, "ed ch", 4]}],

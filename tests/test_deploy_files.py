@@ -276,6 +276,22 @@ def test_dockerignore_keeps_the_context_small_and_sufficient():
         assert never not in allowed
 
 
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_GPU, DOCKERFILE_CPU], ids=lambda p: p.name)
+def test_dockerfiles_copy_every_package_that_pyproject_ships(dockerfile):
+    """Each top-level package that pyproject.toml's `packages.find` includes is COPY'd before
+    `pip install`: a package left out installs without error and breaks `sedd` only at run time (as
+    `sedd_cli/` did, once the entry point moved there)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    assert all((ROOT / name / "__init__.py").is_file() for name in packages), packages
+    copied = set()
+    for match in re.finditer(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
+        copied.update(part.rstrip("/") for part in match.group(1).split())
+    assert packages <= copied, f"{dockerfile.name} does not COPY {sorted(packages - copied)}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Memory table
 

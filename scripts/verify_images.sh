@@ -29,15 +29,15 @@
 #   several GB and is refused;
 # - `podman build --format docker` (the OCI format drops HEALTHCHECK).
 # Everything is reused when present (the bases, the torch folder, podman's layer cache): a second run
-# takes seconds. Each step's time goes to $SEDD_IMAGES_DIR/timings.txt, each build's log to logs/.
+# takes about a minute. Each step's time goes to $SEDD_IMAGES_DIR/timings.txt, each build's log to logs/.
 #
 # The GPU image: docker/Dockerfile runs whole, both stages, on the substituted Debian base, with the local
 # CPU torch in place of the cu130 build and INSTALL_FLASH_ATTN=0. What only a GPU host runs: the
 # nvidia/cuda base, the CUDA torch download and the flash-attn wheel.
 #
 # Environment: SEDD_IMAGES_DIR (the folder), PYTHON (whose pip downloads torch; default .venv/bin/python,
-# else python3), PYTHON_IMAGE / TORCH_INDEX_URL (where those can be pulled: a real base and index instead
-# of the substitutes; the GPU build keeps the substitutes).
+# else python3), PYTHON_IMAGE and TORCH_INDEX_URL (together, where both can be pulled: the CPU image on a
+# real base and index instead of the substitutes; the GPU build keeps the substitutes).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -127,6 +127,7 @@ debian_image() {  # debian_image IMAGE TAR [MMDEBSTRAP-OPTIONS...]
         # apt inside the builds trust the same TLS endpoints as the host does (a proxy's CA, for one);
         # ca-certificates puts them into the bundle, now or when a build installs it.
         if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+            # shellcheck disable=SC2016  # mmdebstrap, not this shell, expands $1 (the new root)
             hooks+=(--customize-hook='mkdir -p "$1/usr/local/share/ca-certificates"'
                     --customize-hook='sync-in /usr/local/share/ca-certificates /usr/local/share/ca-certificates'
                     --customize-hook='if [ -x "$1/usr/sbin/update-ca-certificates" ]; then chroot "$1" update-ca-certificates; fi')

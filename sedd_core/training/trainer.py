@@ -539,8 +539,10 @@ class Trainer:
             self.save(replicas)
             if replicas is not None:
                 self.log(f"checkpoint at step {self.step:,}: weights and EMA identical on {len(replicas)} ranks")
-            self.push(wait=wait)
+        self.ranks.barrier()  # no rank goes on, or exits, before the checkpoint is on disk
         self.last_saved_step = self.step
+        if self.ranks.main:
+            self.push(wait=wait)
 
     def _finish(self) -> str:
         """After the loop: the last evaluation, snapshot and checkpoint not yet done; returns the status."""

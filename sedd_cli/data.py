@@ -50,7 +50,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         train = document_source(args.sources, column=args.column, split=args.split, hf_config=args.hf_config,
                                 streaming=args.streaming)
         valid = (document_source(args.valid, column=args.column, split=args.valid_split or args.split,
-                                 hf_config=args.hf_config, streaming=args.streaming) if args.valid else None)
+                                 hf_config=args.valid_hf_config or args.hf_config, streaming=args.streaming)
+                 if args.valid else None)
         manifest = write_token_folder(args.out, train, tokenizer, valid=valid, workers=args.workers,
                                       progress=not args.quiet, force=args.force, command=_command(args))
     except (DocumentError, TokenizerError, TrainingError, OSError) as exc:
@@ -68,8 +69,8 @@ def _command(args: argparse.Namespace) -> str:
              args.tokenizer, "--column", args.column, "--split", args.split]
     if args.valid:
         words += ["--valid", *map(str, args.valid)] + (["--valid-split", args.valid_split] if args.valid_split else [])
-    if args.hf_config:
-        words += ["--hf-config", args.hf_config]
+    for flag, value in (("--hf-config", args.hf_config), ("--valid-hf-config", args.valid_hf_config)):
+        words += [flag, value] if value else []
     if args.streaming:
         words.append("--streaming")
     return " ".join(shlex.quote(w) for w in words)
@@ -107,6 +108,8 @@ def add_commands(subparsers) -> None:
     tokenize.add_argument("--split", default="train", help="the dataset split to read (default: %(default)s)")
     tokenize.add_argument("--valid-split", default=None, help="the split --valid reads (default: --split)")
     tokenize.add_argument("--hf-config", default=None, help="the dataset's configuration name, if it has several")
+    tokenize.add_argument("--valid-hf-config", default=None,
+                          help="the configuration --valid reads (default: --hf-config)")
     tokenize.add_argument("--streaming", action="store_true",
                           help="stream the dataset instead of downloading it whole first")
     tokenize.add_argument("--workers", type=int, default=None,

@@ -52,6 +52,9 @@ def start_ranks(launch: TorchrunSettings, device: str):
 
     from sedd_core.training.distributed import Ranks
 
+    if launch.MASTER_ADDR is None or launch.MASTER_PORT is None:
+        raise UsageError(f"WORLD_SIZE is {launch.WORLD_SIZE} but MASTER_ADDR or MASTER_PORT is not set: start "
+                         "data-parallel runs with torchrun (docs/training.md), or unset WORLD_SIZE for one device")
     device = device_for_rank(device, launch)
     cuda = device.startswith("cuda")
     backend = "nccl" if cuda else "gloo"

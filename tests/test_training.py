@@ -488,6 +488,13 @@ def test_a_batch_that_does_not_divide_is_refused(corpus, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_world_size_without_torchrun_says_how_to_launch(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["train", "--config", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run")]) == 2
+    assert "start data-parallel runs with torchrun" in capsys.readouterr().err
+
+
 # ---- fine-tuning: sedd train --init --------------------------------------------------------------------
 
 
@@ -726,3 +733,19 @@ def test_wandb_and_aim_when_asked_for(corpus, tmp_path, monkeypatch, capsys):
     calls.clear()
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "training.n_iters=3"]) == 0
     assert calls[0][1]["id"] == "run-123"  # the run's own config tracks to W&B, and the same W&B run goes on
+
+
+def test_the_sedd_small_recipe_is_the_authors_network_and_settings(repo_root, checkpoint_keys):
+    """docs/sedd-small-owt.yaml builds the published SEDD-small's exact keys and shapes, with the authors'
+    global batch, length, EMA and optimiser."""
+    cfg = load_train_config(repo_root / "docs" / "sedd-small-owt.yaml")
+    t = cfg.training
+    assert (t.batch_size, cfg.model.length, t.ema, t.lr, t.warmup, t.grad_clip) == (512, 1024, 0.9999, 3e-4, 2500, 1.0)
+    assert cfg.tokenizer == "gpt2" and cfg.graph.type == "absorb" and cfg.noise.type == "loglinear"
+    from sedd_core.model import SEDD
+
+    with torch.device("meta"):
+        model = SEDD(cfg.sedd_config())
+    published = json.loads(checkpoint_keys.read_text())["sedd-small"]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == published["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == published["parameters"]

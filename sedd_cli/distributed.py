@@ -24,6 +24,7 @@ class TorchrunSettings(BaseSettings):
     MASTER_ADDR: str | None = None
     MASTER_PORT: int | None = None
     TORCHELASTIC_RESTART_COUNT: int = 0
+    TORCHELASTIC_USE_AGENT_STORE: bool = False
 
     @property
     def launched(self) -> bool:
@@ -45,6 +46,20 @@ def device_for_rank(device: str, launch: TorchrunSettings) -> str:
     return device
 
 
+def attempt_store(launch: TorchrunSettings):
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it, else rank 0), its keys under a
+    prefix of this restart attempt: a group torchrun restarts never reads the addresses its previous attempt
+    left in the store (with them, restarted ranks hung or failed to connect in our tests)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(launch.MASTER_ADDR, launch.MASTER_PORT, launch.WORLD_SIZE,
+                          is_master=not launch.TORCHELASTIC_USE_AGENT_STORE and launch.RANK == 0,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"sedd-train/attempt-{launch.TORCHELASTIC_RESTART_COUNT}", store)
+
+
 def start_ranks(launch: TorchrunSettings, device: str):
     """Start the process group of this rank and return (its Ranks, its device)."""
     import torch
@@ -60,7 +75,8 @@ def start_ranks(launch: TorchrunSettings, device: str):
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend=backend, init_method="env://", rank=launch.RANK, world_size=launch.WORLD_SIZE)
+    dist.init_process_group(backend=backend, store=attempt_store(launch), rank=launch.RANK,
+                            world_size=launch.WORLD_SIZE)
     # the per-step stop flag and small objects travel on the CPU, never through the GPU's stream
     control = dist.new_group(backend="gloo") if cuda else None
     ranks = Ranks(rank=launch.RANK, world_size=launch.WORLD_SIZE, local_rank=launch.LOCAL_RANK, backend=backend,

@@ -52,14 +52,16 @@ def torchrun(*flags: str) -> list[str]:
 
 
 def rendezvous(nnodes: int, nproc: int, port: int, *more: str) -> list[str]:
-    """torchrun with its c10d rendezvous on loopback (a new round after each restart, where the static one,
-    --master-addr/--master-port, keeps the previous round's keys in its store)."""
+    """torchrun with its c10d rendezvous on loopback."""
     return torchrun("--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
                     "--rdzv-id", "sedd-test", "--rdzv-endpoint", f"127.0.0.1:{port}", "--local-addr", "127.0.0.1",
                     *more)
 
 
-def one_node(nproc: int = 2, *more: str) -> list[str]:
+def one_node(nproc: int = 2, *more: str, static: bool = False) -> list[str]:
+    if static:  # torchrun's static rendezvous: rank 0's address and port
+        return torchrun("--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                        "--master-port", str(free_port()), *more)
     return rendezvous(1, nproc, free_port(), *more)
 
 
@@ -185,7 +187,8 @@ def worker_of_rank(agent: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} among {children}")
 
 
-def test_sigterm_saves_one_checkpoint_and_torchrun_restarts_resume_from_it(corpus, tmp_path):
+@pytest.mark.parametrize("static", [False, True], ids=["c10d-rendezvous", "static-rendezvous"])
+def test_sigterm_saves_one_checkpoint_and_torchrun_restarts_resume_from_it(corpus, tmp_path, static):
     if not Path("/proc/self/task").is_dir():
         pytest.fail("this test finds torchrun's workers through /proc (Linux)")
     run = tmp_path / "run"
@@ -194,7 +197,8 @@ def test_sigterm_saves_one_checkpoint_and_torchrun_restarts_resume_from_it(corpu
             "--resume", "--set", "training.n_iters=100000", "--set", "training.eval_every=2",
             "--set", "training.checkpoint_every=100000", "--set", "training.snapshot_every=0", "--set", "track=none"]
     with open(log, "w") as fh:
-        agent = subprocess.Popen(one_node(2, "--max-restarts", "1", *sedd_command(), *args), env=rank_env(),
+        agent = subprocess.Popen(one_node(2, "--max-restarts", "1", *sedd_command(), *args, static=static),
+                                 env=rank_env(),
                                  stdout=fh, stderr=subprocess.STDOUT)
     try:
         at = wait_for(log, "step       4 |", agent)

@@ -5,6 +5,7 @@ resume from it, and the GPT-2 walk-through (tokenize, two ranks, resume on one, 
 Slow: every launch starts Python and torch in each rank (about 10-20 s on a loaded 2-core machine)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,11 +176,18 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, after: int = 0, timeo
     raise AssertionError(f"no {text!r} within {timeout} s:\n{log.read_text(errors='replace')[-6000:]}")
 
 
-def worker_of_rank(agent: int, rank: int) -> int:
-    """The pid of torchrun's worker process with RANK=rank (from /proc: its children and their environment)."""
+def worker_pids(agent: int) -> list[int]:
+    """torchrun's worker processes (its children, from /proc)."""
     children = []
     for task in Path(f"/proc/{agent}/task").iterdir():
-        children += [int(pid) for pid in (task / "children").read_text().split()]
+        with contextlib.suppress(OSError):
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def worker_of_rank(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (from /proc: its children and their environment)."""
+    children = worker_pids(agent)
     for pid in children:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in environ:
@@ -213,17 +221,23 @@ def test_sigterm_saves_one_checkpoint_and_torchrun_restarts_resume_from_it(corpu
         agent.send_signal(signal.SIGTERM)  # the job itself: torchrun passes it to every rank
         agent.wait(timeout=LAUNCH_TIMEOUT)
     finally:
-        if agent.poll() is None:
+        if agent.poll() is None:  # a failed test: end torchrun and its ranks, leaving no process behind
+            workers = worker_pids(agent.pid)
             agent.kill()
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     content = log.read_text()
-    assert agent.returncode != 0
+    tail = content[-6000:]  # every assertion below shows torchrun's log when it fails
+    assert agent.returncode != 0, tail
+    assert "stopped at step " in content[at:], tail
     second = int(content[at:].rsplit("stopped at step ", 1)[1].split(" ")[0].replace(",", ""))
-    assert second >= target and meta(run)["step"] == second
-    assert "(exitcode: 143)" in content  # the ranks stopped by the first signal exited with 128 + SIGTERM
-    assert content.count("resumed ") == 1  # torchrun did not restart after the second signal: it was the job's
-    assert "forcefully exiting" not in content  # every rank exited on its own, within torchrun's grace period
+    assert second >= target and meta(run)["step"] == second, tail
+    assert "(exitcode: 143)" in content, tail  # the ranks stopped by the first signal exited with 128 + SIGTERM
+    assert content.count("resumed ") == 1, tail  # no restart after the second signal: it was the job's
+    assert "forcefully exiting" not in content, tail  # every rank exited on its own, within the grace period
     steps = [m["step"] for m in metrics(run)]
-    assert steps == sorted(set(steps)) and steps[-1] <= second  # one writer; nothing past the checkpoint twice
+    assert steps == sorted(set(steps)) and steps[-1] <= second, tail  # one writer, nothing past the checkpoint
 
 
 def test_gpt2_walk_through_tokenize_two_ranks_resume_on_one_then_sample(tmp_path, gpt2_vocab, monkeypatch, capsys):

@@ -6,7 +6,7 @@ from types import ModuleType
 
 # Optional dependencies: the module a command imports -> the extra that installs it.
 EXTRAS = {"ray": "ray", "oxen": "oxen", "huggingface_hub": "hf", "datasets": "data", "flash_attn": "gpu",
-          "tensorboard": "track", "wandb": "track", "aim": "track"}
+          "tensorboard": "track", "wandb": "wandb", "aim": "aim"}
 
 
 class UsageError(Exception):

@@ -9,6 +9,11 @@ from .noise import Noise
 SAMPLING_EPS = 1e-3  # t ~ U(1e-3, 1)
 
 
+def draw_times(batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion times of `batch` sequences, t ~ U(1e-3, 1)."""
+    return (1 - SAMPLING_EPS) * torch.rand(batch, device=device, generator=generator) + SAMPLING_EPS
+
+
 def score_entropy_loss(
     model,
     graph: Graph,
@@ -20,7 +25,7 @@ def score_entropy_loss(
 ) -> torch.Tensor:
     """Loss per sequence (B,): sum over positions of dsigma/dt(t) * score entropy at x_t ~ forward(x0, sigma(t))."""
     if t is None:
-        t = (1 - SAMPLING_EPS) * torch.rand(x0.shape[0], device=x0.device, generator=generator) + SAMPLING_EPS
+        t = draw_times(x0.shape[0], x0.device, generator)
     sigma, dsigma = noise(t)
     if perturbed is None:
         perturbed = graph.sample_transition(x0, sigma[:, None], generator=generator)

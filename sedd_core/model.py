@@ -195,6 +195,17 @@ class SEDD(nn.Module):
         )
         self.output_layer = DDitFinalLayer(m.hidden_size, vocab, m.cond_dim)
 
+    @torch.no_grad()
+    def authors_init(self) -> SEDD:
+        """The authors' initialisation over PyTorch's defaults, for training from scratch (adaLN-Zero, as in
+        DiT): every adaLN modulation and the output projection start at zero, so each block starts as the
+        identity and the first log score is the sigma scaling alone."""
+        for layer in (*(block.adaLN_modulation for block in self.blocks), self.output_layer.adaLN_modulation,
+                      self.output_layer.linear):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        return self
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.output_layer.linear.weight.dtype

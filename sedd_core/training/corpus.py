@@ -1,52 +1,54 @@
-"""A run's input: the training and held-out text as token ids, and random crops of them.
+"""A run's input: the training and held-out tokens, and the random crops a step reads of them.
 
-The text comes from `sedd_core.data` (files and folders, or a Hugging Face dataset); this
-module encodes it with the run's tokenizer, holds out part of it when no held-out text is
-given, and cuts the crops a training step reads.
+Two kinds of input. Text (files and folders, or a Hugging Face dataset, through `sedd_core.data`) is
+encoded with the run's tokenizer when the run starts and held in memory; crops start anywhere. A token
+folder written by `sedd data tokenize` (`token_file.py`) is read through a memory map, in blocks of
+`model.length` tokens, so memory stays flat whatever the corpus's size. Without held-out text the last
+`data.valid_fraction` of the training tokens is held out.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from ..data import load_hf_dataset_text, read_text_corpus, resolve_text_files
-from ..tokenizers import CharTokenizer, Tokenizer
+from ..tokenizers import Tokenizer
 from .config import DataSection
 from .errors import TrainingError
+from .token_file import TokenFolder, encode_ids, is_token_folder
 
-_CHUNK_BREAK = re.compile(r"\n(?=\S)")
+
+class Tokens(Protocol):
+    """Token ids a run reads: `len()` of them, and `crops(batch, generator)` -> (batch, length) long."""
+
+    def __len__(self) -> int: ...
+
+    def crops(self, batch: int, generator: torch.Generator) -> torch.Tensor: ...
 
 
-def _chunks(text: str, size: int = 1 << 20) -> list[str]:
-    """Pieces of about `size` characters, cut only after a newline that a non-space follows:
-    GPT-2's pre-tokeniser never joins across such a point, so encoding the pieces separately
-    gives the same ids as encoding the whole."""
-    out, start = [], 0
-    while start < len(text):
-        match = _CHUNK_BREAK.search(text, start + size) if start + size < len(text) else None
-        end = match.end() if match else len(text)
-        out.append(text[start:end])
-        start = end
-    return out
+class InMemoryTokens:
+    """Encoded text in a tensor (on the training device, for CUDA); crops start at any token."""
+
+    def __init__(self, ids: torch.Tensor, length: int):
+        self.ids, self.length = ids, length
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device) -> InMemoryTokens:
+        return InMemoryTokens(self.ids.to(device), self.length)
+
+    def crops(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return random_crops(self.ids, batch, self.length, generator)
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> tuple[torch.Tensor, int]:
     """(ids as an int32 tensor, how many characters became [UNK])."""
-    if isinstance(tokenizer, CharTokenizer):
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table = np.full(max(int(codes.max(initial=0)) + 1, 128), CharTokenizer.UNK, dtype=np.int32)
-        for i, ch in enumerate(tokenizer.chars):
-            if ord(ch) < len(table):
-                table[ord(ch)] = i + 2
-        ids = table[codes]
-        return torch.from_numpy(ids), int((ids == CharTokenizer.UNK).sum())
-    pieces = tokenizer.encoding.encode_batch(_chunks(text), allowed_special={"<|endoftext|>"})
-    ids = np.fromiter((i for piece in pieces for i in piece), dtype=np.int32)
-    return torch.from_numpy(ids), 0
+    ids, unknown = encode_ids(tokenizer, text)
+    return torch.from_numpy(ids), unknown
 
 
 def _read_files(files: list[Path]) -> str:
@@ -81,8 +83,13 @@ def _read_text(d: DataSection) -> tuple[str, str, str | None, str | None]:
 
 
 def load_corpus(d: DataSection, tokenizer: Tokenizer, length: int, log: Callable[[str], None]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train ids, held-out ids), both int32 on the CPU, each at least `length` tokens long."""
+                ) -> tuple[Tokens, Tokens]:
+    """(training tokens, held-out tokens), each at least `length` tokens long: a token folder's memory map
+    when `data.train` names one, else the text encoded in memory (on the CPU)."""
+    if len(d.train) == 1 and is_token_folder(d.train[0]):
+        return _token_folder(d, tokenizer, length, log)
+    if any(is_token_folder(path) for path in d.train):
+        raise TrainingError("a token folder (sedd data tokenize) is trained on alone: give it as the only --data")
     train_text, source, valid_text, valid_source = _read_text(d)
     train_ids, unknown = encode_text(tokenizer, train_text)
     if unknown:
@@ -92,19 +99,48 @@ def load_corpus(d: DataSection, tokenizer: Tokenizer, length: int, log: Callable
         if unknown:
             log(f"note: {unknown:,} held-out characters are outside the vocabulary and became [UNK]")
     else:
-        n_valid = max(length, int(len(train_ids) * d.valid_fraction))
-        if len(train_ids) - n_valid < length:
-            raise TrainingError(
-                f"the corpus has {len(train_ids):,} tokens: too few to hold out {n_valid:,} for evaluation and "
-                f"still train on crops of {length}; give more text, a held-out file (--valid) or a shorter "
-                "model.length")
+        n_valid = _held_out(len(train_ids), length, d.valid_fraction)
         valid_ids, train_ids = train_ids[-n_valid:].clone(), train_ids[:-n_valid].clone()
         valid_source = f"the last {d.valid_fraction:.0%} of the training text"
     for name, ids in (("training", train_ids), ("held-out", valid_ids)):
         if len(ids) < length:
             raise TrainingError(f"the {name} text has {len(ids):,} tokens, fewer than model.length={length}")
     log(f"data: train {len(train_ids):,} tokens from {source}; held out {len(valid_ids):,} from {valid_source}")
-    return train_ids, valid_ids
+    return InMemoryTokens(train_ids, length), InMemoryTokens(valid_ids, length)
+
+
+def _held_out(total: int, length: int, fraction: float) -> int:
+    n_valid = max(length, int(total * fraction))
+    if total - n_valid < length:
+        raise TrainingError(
+            f"the corpus has {total:,} tokens: too few to hold out {n_valid:,} for evaluation and still train on "
+            f"crops of {length}; give more text, a held-out file (--valid) or a shorter model.length")
+    return n_valid
+
+
+def _token_folder(d: DataSection, tokenizer: Tokenizer, length: int, log: Callable[[str], None]
+                  ) -> tuple[Tokens, Tokens]:
+    folder = TokenFolder.open(d.train[0])
+    folder.check_tokenizer(tokenizer)
+    if d.valid:
+        raise TrainingError("data.valid does not apply to a token folder: tokenize held-out text into it with "
+                            "sedd data tokenize --valid, or leave it out to hold out data.valid_fraction")
+    total = folder.tokens("train")
+    if folder.tokens("valid"):
+        train, valid = folder.blocks("train", length), folder.blocks("valid", length)
+        valid_source = f"{folder.path}/valid.bin"
+    else:
+        n_valid = _held_out(total, length, d.valid_fraction)
+        train = folder.blocks("train", length, 0, total - n_valid)
+        valid = folder.blocks("train", length, total - n_valid, n_valid)
+        valid_source = f"the last {d.valid_fraction:.0%} of {folder.path}/train.bin"
+    for name, blocks in (("training", train), ("held-out", valid)):
+        if blocks.n_blocks < 1:
+            raise TrainingError(f"the {name} tokens of {folder.path} ({len(blocks):,}) are fewer than "
+                                f"model.length={length}")
+    log(f"data: train {len(train):,} tokens ({train.n_blocks:,} blocks of {length}) memory-mapped from "
+        f"{folder.path}/train.bin; held out {len(valid):,} from {valid_source}")
+    return train, valid
 
 
 def random_crops(ids: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

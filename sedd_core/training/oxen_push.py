@@ -28,6 +28,29 @@ AUTH_HINT = ("check the network, that the repository name is right and that you 
              "(oxen config --name NAME --email EMAIL; oxen config --auth HOST API_KEY)")
 
 
+# The model folder a push sends every time; the vocabulary and snapshots go once.
+MODEL_FILES = ("config.yaml", "checkpoint.pth", "train_config.yaml", "metrics.jsonl")
+
+
+def run_files(run_dir: Path, training_state: bool = False) -> tuple[list[str], set[str]]:
+    """(the files of a run folder a push sends, those of them sent once): the model folder, its vocabulary
+    (tokenizer_config.json every time, gpt2.tiktoken once), the resumable state when `training_state`, and
+    every sample snapshot (once each). Paths are relative to `run_dir`; only files that exist."""
+    run_dir = Path(run_dir)
+    files, once = list(MODEL_FILES), set()
+    if (run_dir / "tokenizer_config.json").is_file():
+        files.append("tokenizer_config.json")
+    if (run_dir / "gpt2.tiktoken").is_file():
+        files.append("gpt2.tiktoken")
+        once.add("gpt2.tiktoken")
+    if training_state:
+        files.append("checkpoints-meta/checkpoint.pth")
+    samples = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "samples").glob("*.txt"))
+    files += samples
+    once.update(samples)
+    return [f for f in files if (run_dir / f).is_file()], once
+
+
 class OxenPushError(RuntimeError):
     """A push that could not be made; the message says why and what to do."""
 

@@ -14,9 +14,9 @@ def format_duration(seconds: float) -> str:
 
 
 class Meter:
-    """Summed loss, steps and tokens since the last reset, and the training time they took:
-    the time spent evaluating, sampling and saving is excluded. The loss stays on the device
-    so that adding to it never waits for the GPU."""
+    """Summed loss and gradient norm, steps and tokens since the last reset, and the training time they
+    took: the time spent evaluating, sampling and saving is excluded. The sums stay on the device so that
+    adding to them never waits for the GPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -24,12 +24,15 @@ class Meter:
 
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
         self.steps = self.tokens = 0
         self.start = time.perf_counter()
         self.excluded = 0.0
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, grad_norm: torch.Tensor | None = None) -> None:
         self.loss += loss
+        if grad_norm is not None:
+            self.grad_norm += grad_norm
         self.steps += 1
         self.tokens += tokens
 

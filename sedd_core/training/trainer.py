@@ -1,16 +1,26 @@
 """Train a SEDD model on a text corpus: `train(config, run_dir)` and the `Trainer` behind it.
 
-Objective (SPEC section 4, `sedd_core.losses.score_entropy_loss`): t ~ U(1e-3, 1) per
+Objective (the paper's diffusion-weighted denoising score entropy, `sedd_core.losses.score_entropy_loss`): t ~ U(1e-3, 1) per
 sequence, x_t from the forward process at sigma(t), loss = sum over positions of
 dsigma/dt(t) * score entropy, averaged over the batch. AdamW with linear warm-up,
 gradient clipping and an EMA of the weights; bfloat16 autocast on CUDA (the weights
-stay float32), float32 on a CPU. Training crops are random windows of `length`
-tokens of the encoded corpus (`corpus.py`); held-out evaluation is `sedd eval`'s
-estimator (`sedd_core.elbo.elbo_draws`) on fixed crops with fixed noise.
+stay float32), float32 on a CPU. A new run starts from the authors' initialisation
+(`SEDD.authors_init`), or from a checkpoint's weights (`init`, fine-tuning).
+
+The batch: `training.batch_size` rows per optimiser step over every rank and micro-batch. Each
+step draws the whole batch (crops, diffusion times, noise) from seeded generators on every rank,
+and each rank trains on its own rows (`distributed.Ranks`), in `training.accum` micro-batches,
+under DistributedDataParallel when there are several ranks: a step is the same whatever the
+number of ranks. Crops are random windows of the encoded text, or random `model.length` blocks of a
+token folder (`corpus.py`). Held-out evaluation is `sedd eval`'s estimator (`sedd_core.elbo.elbo_draws`)
+on fixed crops with fixed noise, on rank 0.
 
 The run folder (`RUN_DIR`, laid out in `checkpoint.py`) is at once a model
-`sedd_core.load` reads and a resumable run; sample snapshots from the EMA weights go to
-`samples/step_XXXXXXX.txt`.
+`sedd_core.load` reads and a resumable run; only rank 0 writes it. Sample snapshots from the EMA
+weights go to `samples/step_XXXXXXX.txt`, metrics to metrics.jsonl and the trackers (`tracking.py`).
+
+The loop stops between two steps when `request_stop(signal)` was called (by the command line's
+signal handlers, on any rank: the ranks agree before each step) and saves a checkpoint first.
 """
 from __future__ import annotations
 
@@ -18,7 +28,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,10 +43,10 @@ from ..files import atomic_write_text
 from ..generation import GenerationError, generate
 from ..graph import graph_from_config
 from ..loading import LoadedModel, resolve_device
-from ..losses import score_entropy_loss
+from ..losses import draw_times, score_entropy_loss
 from ..model import SEDD
 from ..noise import noise_from_config
-from ..tokenizers import CharTokenizer, Tokenizer, load_gpt2
+from ..tokenizers import CharTokenizer, Tokenizer, load_gpt2, resolve_tokenizer
 from .checkpoint import (
     CHECKPOINT_VERSION,
     EXPORT_DTYPES,
@@ -50,35 +59,25 @@ from .checkpoint import (
     write_train_config,
 )
 from .config import TrainConfig, load_train_config
-from .corpus import load_corpus, random_crops
+from .corpus import InMemoryTokens, load_corpus
+from .distributed import Ranks, micro_batch, replica_digest
 from .ema import ExponentialMovingAverage
 from .errors import TrainingError
 from .progress import Meter, ProgressBar, format_duration
+from .tracking import Trackers, open_trackers
 
-__all__ = ["Trainer", "TrainingError", "authors_init", "make_tokenizer", "train"]
+__all__ = ["Ranks", "Trainer", "TrainingError", "make_tokenizer", "train"]
 
 LN2 = math.log(2.0)
 
 
-def authors_init(model: SEDD) -> None:
-    """The authors' initialisation on top of PyTorch's defaults (adaLN-Zero, as in DiT): the
-    adaLN modulations of every block and of the output layer, and the output projection, start at
-    zero, so each block starts as the identity and the first log score is the sigma scaling alone."""
-    with torch.no_grad():
-        for block in model.blocks:
-            block.adaLN_modulation.weight.zero_()
-            block.adaLN_modulation.bias.zero_()
-        out = model.output_layer
-        out.adaLN_modulation.weight.zero_()
-        out.adaLN_modulation.bias.zero_()
-        out.linear.weight.zero_()
-        out.linear.bias.zero_()
-
-
 def make_tokenizer(config: TrainConfig, run_dir: Path | None = None,
-                   gpt2_vocab: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer; for GPT-2 the ranks come from RUN_DIR/gpt2.tiktoken (copied there by the first
-    checkpoint), the `gpt2_vocab` file (SEDD_GPT2_VOCAB) or tiktoken's download, in that order."""
+                   gpt2_vocab: str | os.PathLike | None = None, resume: bool = False) -> Tokenizer:
+    """The tokenizer of a new run, or (`resume`) the one the run folder holds. For GPT-2 the ranks come
+    from RUN_DIR/gpt2.tiktoken (copied there by the first checkpoint), the `gpt2_vocab` file
+    (SEDD_GPT2_VOCAB) or tiktoken's download, in that order."""
+    if resume and run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
+        return resolve_tokenizer(config.vocab_tokens, Path(run_dir), config.tokenizer, gpt2_vocab)
     if config.tokenizer == "char":
         return CharTokenizer(model_max_length=config.model.length)
     return load_gpt2(run_dir, gpt2_vocab)
@@ -88,29 +87,41 @@ class Trainer:
     """One training run in `run_dir`; `run()` trains to `training.n_iters` and returns the final metrics.
 
     `run()` reads top-down: each step (`train_step`) is followed by the work that falls due
-    (`evaluate_and_log`, `snapshot`, `checkpoint`), and a stop (the end, a signal, Ctrl-C)
-    ends with `_finish` or `_save_after_interrupt`."""
+    (`evaluate_and_log`, `snapshot`, `checkpoint`), and a stop (the end, `request_stop`, Ctrl-C)
+    ends with `_finish` or `_save_after_interrupt`. `ranks`: this process among the ranks of a
+    data-parallel run (default: the only one). `init`: a loaded checkpoint to start a new run from
+    (its network, graph, noise and tokenizer; `config_for_init` makes the matching config)."""
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                  repo: str | None = None, device: str | torch.device | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None):
+                 log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None,
+                 ranks: Ranks | None = None, init: LoadedModel | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        self.ranks = ranks or Ranks()
+        main = self.ranks.main
+        self.progress = progress and main
+        self.log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if main else (lambda msg: None)
         t = config.training
         try:
             self.device = resolve_device(device)
         except ValueError as exc:
             raise TrainingError(str(exc)) from exc
+        self.micro_batch = micro_batch(t.batch_size, self.ranks.world_size, t.accum)
+        self.log(f"sedd train: {self.ranks.describe()}; device {self.device}; global batch {t.batch_size} = "
+                 f"{self.ranks.world_size} rank(s) x {t.accum} micro-batch(es) x {self.micro_batch} rows of "
+                 f"{config.model.length} tokens")
         self.length = config.model.length
         self.sedd_config: SEDDConfig = config.sedd_config()
-        self.tokenizer = make_tokenizer(config, self.run_dir, gpt2_vocab)
+        state = self._saved_state(resume)
+        if init is not None and state is None:
+            self.tokenizer = init.tokenizer
+        else:
+            self.tokenizer = make_tokenizer(config, self.run_dir, gpt2_vocab, resume=state is not None)
         self.graph = graph_from_config(self.sedd_config)
         self.noise = noise_from_config(self.sedd_config)
-        state = self._saved_state(resume)
 
-        self._build_model()
+        self._build_model(init if state is None else None)
         self.data_generator = torch.Generator().manual_seed(t.seed)
         self.noise_generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.step = 0
@@ -120,41 +131,58 @@ class Trainer:
         self._load_data()
         if state is not None:
             self._load_state(state)
+        self.net = self._data_parallel()
         self.pusher = None
-        if repo:
+        if repo and main:
             from .oxen_push import OxenPusher
 
             p = config.push
             self.pusher = OxenPusher(repo, host=p.host, scheme=p.scheme, branch=p.branch,
                                      background=p.background, log=self.log)
-        self._stop_signal: int | None = None
+        self.trackers = Trackers()
+        self.stop_requested: int | None = None
         self._phase = "idle"  # step | update | other | idle: what a Ctrl-C interrupts
         self._pushed_step = -1
         self.last_saved_step = -1
         self._last_eval_step = self._snapshot_step = -1
 
-    def _build_model(self) -> None:
-        """The model with the authors' initialisation from training.seed, AdamW and the EMA."""
+    def _build_model(self, init: LoadedModel | None) -> None:
+        """The model (the authors' initialisation from training.seed, or `init`'s weights), AdamW and the EMA."""
         t = self.config.training
         torch.manual_seed(t.seed)
         model = SEDD(self.sedd_config)
-        authors_init(model)
-        self.model = model.to(self.device)
+        if init is None:
+            model.authors_init()
+        else:
+            model.load_state_dict(init.model.state_dict(), strict=True)
+            self.log(f"init: the weights of {init.source} ({init.layout} layout); a fresh optimizer")
+        self.model = model.to(device=self.device, dtype=torch.float32)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
             fused=self.device.type == "cuda" or None)
         self.ema = ExponentialMovingAverage(self.model.parameters(), t.ema)
 
+    def _data_parallel(self) -> torch.nn.Module:
+        """The module a training step calls: the model, under DistributedDataParallel when there are several
+        ranks (which checks that every rank starts from rank 0's weights)."""
+        if not self.ranks.distributed:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # a different dropout stream on each rank, from the seed, the rank and the step it starts at
+        torch.manual_seed(self.config.training.seed + 1_000_003 * (self.ranks.rank + 1) + self.step)
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None, process_group=self.ranks.group)
+
     def _load_data(self) -> None:
-        """The encoded corpus, and the fixed held-out crops every evaluation reads."""
+        """The training and held-out tokens, and the fixed held-out crops every evaluation reads."""
         t = self.config.training
-        self.train_ids, self.valid_ids = load_corpus(self.config.data, self.tokenizer, self.length, self.log)
-        if self.device.type == "cuda":
-            self.train_ids = self.train_ids.to(self.device)
+        self.train_data, self.valid_data = load_corpus(self.config.data, self.tokenizer, self.length, self.log)
+        if self.device.type == "cuda" and isinstance(self.train_data, InMemoryTokens):
+            self.train_data = self.train_data.to(self.device)
         eval_generator = torch.Generator().manual_seed(t.seed + 2)
         eval_bs = t.eval_batch_size or t.batch_size
-        self.eval_batches = [random_crops(self.valid_ids, eval_bs, self.length, eval_generator)
-                             for _ in range(t.eval_batches)]
+        self.eval_batches = [self.valid_data.crops(eval_bs, eval_generator) for _ in range(t.eval_batches)]
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -197,6 +225,7 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "elapsed_s": float(self.elapsed_s),
             "tokens_seen": int(self.tokens_seen),
+            "world_size": self.ranks.world_size,
             "version": CHECKPOINT_VERSION,
         }
 
@@ -213,8 +242,9 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if "rng" in state:
             self.set_rng_state(state["rng"])
-        self.last_eval = trim_metrics(self.run_dir, self.step)
-        self.log(f"resumed {self.run_dir} at step {self.step:,}")
+        if self.ranks.main:
+            self.last_eval = trim_metrics(self.run_dir, self.step)
+        self.log(f"resumed {self.run_dir} at step {self.step:,} (saved by {state.get('world_size', 1)} rank(s))")
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights as a plain state dict; parameters in training.export_dtype, buffers
@@ -226,10 +256,13 @@ class Trainer:
             state[name] = shadow.detach().to(device="cpu", dtype=dtype).clone()
         return state
 
-    def save(self) -> None:
-        """A checkpoint of this step: the resumable state, then the loadable model folder."""
-        write_checkpoint(self.run_dir, self.training_state(), self.export_state_dict(), self.config,
-                         self.tokenizer)
+    def save(self, replicas: list[str] | None = None) -> None:
+        """A checkpoint of this step (rank 0): the resumable state, then the loadable model folder.
+        `replicas`: every rank's digest of its weights and EMA, kept in the resumable state."""
+        state = self.training_state()
+        if replicas is not None:
+            state["replica_digests"] = replicas
+        write_checkpoint(self.run_dir, state, self.export_state_dict(), self.config, self.tokenizer)
         self.last_saved_step = self.step
 
     def write_train_config(self) -> None:
@@ -247,24 +280,38 @@ class Trainer:
         t = self.config.training
         return t.lr * min((step + 1) / t.warmup, 1.0) if t.warmup > 0 else t.lr
 
-    def train_step(self) -> torch.Tensor:
-        """One optimiser step; returns the batch's mean loss per sequence (a 0-dim tensor on the device)."""
+    def global_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's whole batch, the same on every rank: clean crops x0 (B, L), diffusion times (B,) and the
+        noised x_t (B, L), drawn in the order `score_entropy_loss` draws them, on the device."""
         t = self.config.training
-        self.model.train()
+        x0 = self.train_data.crops(t.batch_size, self.data_generator).to(self.device, non_blocking=True)
+        times = draw_times(t.batch_size, self.device, self.noise_generator)
+        sigma, _ = self.noise(times)
+        perturbed = self.graph.sample_transition(x0, sigma[:, None], generator=self.noise_generator)
+        return x0, times, perturbed
+
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step; returns this rank's mean loss per sequence (a 0-dim tensor on the device)."""
+        t = self.config.training
+        self.net.train()
         self._phase = "step"
         lr = self.learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        x0, times, perturbed = self.global_batch()
+        mine = self.ranks.rows(t.batch_size)
         total = torch.zeros((), device=self.device)
-        for _ in range(t.accum):
-            x0 = random_crops(self.train_ids, t.batch_size, self.length, self.data_generator)
-            with self.autocast():
-                loss = score_entropy_loss(self.model, self.graph, self.noise, x0,
-                                          generator=self.noise_generator).mean()
-            (loss / t.accum).backward()
+        for m in range(t.accum):
+            rows = slice(mine.start + m * self.micro_batch, mine.start + (m + 1) * self.micro_batch)
+            last = m == t.accum - 1
+            with self.net.no_sync() if self.ranks.distributed and not last else nullcontext():  # one all-reduce
+                with self.autocast():
+                    loss = score_entropy_loss(self.net, self.graph, self.noise, x0[rows], t=times[rows],
+                                              perturbed=perturbed[rows]).mean()
+                (loss / t.accum).backward()
             total += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # the gradients are the global batch's mean (DDP averages over ranks): so is their norm, on every rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         self._phase = "update"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,12 +319,13 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self._phase = "idle"
+        self._grad_norm = grad_norm.detach()
         return total / t.accum
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.config.training
-        return t.batch_size * t.accum * self.length
+        """Tokens of the global batch, over all ranks."""
+        return self.config.training.batch_size * self.length
 
     def evaluate(self) -> dict[str, float]:
         """The held-out ELBO bound of the EMA weights by `sedd eval`'s estimator, on the same crops with
@@ -310,7 +358,8 @@ class Trainer:
 
     @torch.no_grad()
     def snapshot(self) -> Path:
-        """A few unconditional samples and one infill from the EMA weights, into samples/step_XXXXXXX.txt."""
+        """A few unconditional samples and one infill from the EMA weights, into samples/step_XXXXXXX.txt
+        and the trackers (rank 0)."""
         t = self.config.training
         lm = self.loaded_model()
         seed = t.seed + self.step
@@ -329,7 +378,9 @@ class Trainer:
             except GenerationError as exc:
                 lines += [f"=== infill skipped: {exc} ===", ""]
         path = self.run_dir / "samples" / f"step_{self.step:07d}.txt"
-        atomic_write_text(path, "\n".join(lines))
+        text = "\n".join(lines)
+        atomic_write_text(path, text)
+        self.trackers.text(self.step, "samples", text)
         self._snapshot_step = self.step
         return path
 
@@ -338,34 +389,38 @@ class Trainer:
     def push(self, wait: bool = False) -> None:
         if self.pusher is None:
             return
-        files = ["config.yaml", "checkpoint.pth", "train_config.yaml", "metrics.jsonl"]
-        once = set()
-        if isinstance(self.tokenizer, CharTokenizer):
-            files.append("tokenizer_config.json")
-        elif (self.run_dir / "gpt2.tiktoken").is_file():
-            files.append("gpt2.tiktoken")
-            once.add("gpt2.tiktoken")
-        if self.config.push.training_state:
-            files.append(str(META_CHECKPOINT))
-        samples = sorted(p.relative_to(self.run_dir).as_posix() for p in (self.run_dir / "samples").glob("*.txt"))
-        files += samples
-        once.update(samples)
+        from .oxen_push import run_files
+
+        files, once = run_files(self.run_dir, self.config.push.training_state)
         if self.pusher.push(self.run_dir, files, f"sedd train: step {self.step}", once=once, wait=wait):
             self._pushed_step = self.step
 
     # ---- the loop ------------------------------------------------------------------------------------
 
+    def request_stop(self, signum: int) -> None:
+        """Stop after the current step, with a checkpoint (what SIGINT and SIGTERM ask for: the command line's
+        handlers call this). Safe to call from a signal handler."""
+        self.stop_requested = signum
+        self.log(f"received {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                 "(Ctrl-C again to stop at once)")
+
+    def _stop_agreed(self) -> int | None:
+        """The signal that stops the run, when one rank (any) has been asked to stop; every rank asks in step."""
+        signum = self.ranks.max_int(self.stop_requested or 0)
+        if signum and self.stop_requested is None:
+            self.stop_requested = signum  # another rank's signal
+        return signum or None
+
     def run(self) -> dict[str, Any]:
         t = self.config.training
         self._begin()
         self._bar = ProgressBar(t.n_iters, self.step, self.length, self.device, self.progress)
-        previous = self._install_signal_handlers()
         status = "finished"
         try:
-            while self.step < t.n_iters and self._stop_signal is None:
+            while self.step < t.n_iters and self._stop_agreed() is None:
                 self._rng_before = self.rng_state()
                 loss = self.train_step()
-                self._window.add(loss, self.tokens_per_step)
+                self._window.add(loss, self.tokens_per_step, self._grad_norm)
                 self._bar.update(loss, self.tokens_per_step)
                 self._work_due()
             status = self._finish()
@@ -374,21 +429,24 @@ class Trainer:
             self._save_after_interrupt()
         finally:
             self._bar.close()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            self.trackers.close()
             if self.pusher is not None:
                 self.pusher.close()
         return self._result(status)
 
     def _begin(self) -> None:
-        """The run folder, its train_config.yaml, the opening log line and the session's clocks."""
+        """The run folder, its train_config.yaml, the trackers, the opening log line and the session's clocks."""
         t = self.config.training
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.write_train_config()
+        if self.ranks.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.write_train_config()
+            self.trackers = open_trackers(self.config.track, self.run_dir, self.config.to_dict(),
+                                          self.config.model.name, self.step, self.log)
         n_params = sum(p.numel() for p in self.model.parameters())
+        tracked = ", ".join(self.trackers.names) or "none"
         self.log(f"model: {n_params:,} parameters, {self.config.tokenizer} tokens ({self.sedd_config.tokens}), "
-                 f"{self.config.graph.type} graph, {self.config.noise.type} noise; device {self.device}; "
-                 f"batch {t.batch_size}x{t.accum} of {self.length} tokens; run folder {self.run_dir}")
+                 f"{self.config.graph.type} graph, {self.config.noise.type} noise; batch {t.batch_size} of "
+                 f"{self.length} tokens; tracking: metrics.jsonl, {tracked}; run folder {self.run_dir}")
         self.last_saved_step = self.step if (self.run_dir / META_CHECKPOINT).is_file() else -1
         self._start_step = self.step
         self._rng_before = None
@@ -410,7 +468,7 @@ class Trainer:
         self._phase = "other"
         if self._due(t.eval_every):
             self.evaluate_and_log()
-        if self._due(t.snapshot_every):
+        if self._due(t.snapshot_every) and self.ranks.main:
             self.snapshot()
         if self._due(t.checkpoint_every):
             self.checkpoint()
@@ -418,44 +476,80 @@ class Trainer:
         self._bar.exclude_since(start)
         self._phase = "idle"
 
+    def _window_means(self) -> tuple[float | None, float | None]:
+        """(training loss per token, gradient norm) of the steps since the last evaluation, averaged over the
+        ranks (every rank must call this)."""
+        if not self._window.steps:
+            return None, None
+        sums = self.ranks.mean(torch.stack([self._window.loss, self._window.grad_norm]))
+        loss, grad_norm = sums.tolist()
+        return loss / self._window.steps / self.length, grad_norm / self._window.steps
+
     def evaluate_and_log(self) -> None:
-        """Evaluate, append a line to metrics.jsonl, log it, and open a new window of steps."""
-        train_loss = self._window.mean_loss(self.length)
+        """Evaluate, append a line to metrics.jsonl and the trackers (rank 0), log it, and open a new window
+        of steps."""
+        train_loss, grad_norm = self._window_means()
         if train_loss is not None and not math.isfinite(train_loss):
             raise TrainingError(
                 f"the training loss is {train_loss} at step {self.step}; the last checkpoint "
                 f"(step {self.last_saved_step}) is untouched. Lower training.lr or raise training.warmup "
                 "and resume")
         tokens_per_s = self._window.tokens_per_s()
-        metrics = self.evaluate()
-        self._update_elapsed()
-        record = {"step": self.step, "train_loss": train_loss, **metrics, "tokens_per_s": tokens_per_s,
-                  "elapsed_s": self.elapsed_s, "lr": self.learning_rate(max(self.step - 1, 0))}
-        append_metrics(self.run_dir, record)
-        self.last_eval = record
         self._last_eval_step = self.step
-        shown = "-" if train_loss is None else f"{train_loss:.4f}"
-        self.log(f"step {self.step:>7,} | train {shown} | valid {metrics['valid_loss']:.4f} nats/tok, "
-                 f"{metrics['valid_bpc']:.4f} bits/{'char' if self.config.tokenizer == 'char' else 'token'} | "
-                 f"{tokens_per_s:,.0f} tok/s | {format_duration(self.elapsed_s)}")
+        if self.ranks.main:
+            metrics = self.evaluate()
+            self._update_elapsed()
+            record = {"step": self.step, "train_loss": train_loss, **metrics, "tokens_per_s": tokens_per_s,
+                      "elapsed_s": self.elapsed_s, "lr": self.learning_rate(max(self.step - 1, 0)),
+                      "grad_norm": grad_norm, "world_size": self.ranks.world_size}
+            append_metrics(self.run_dir, record)
+            self.trackers.scalars(self.step, {k: v for k, v in record.items() if k not in ("step", "world_size")})
+            self.last_eval = record
+            shown = "-" if train_loss is None else f"{train_loss:.4f}"
+            self.log(f"step {self.step:>7,} | train {shown} | valid {metrics['valid_loss']:.4f} nats/tok, "
+                     f"{metrics['valid_bpc']:.4f} bits/{'char' if self.config.tokenizer == 'char' else 'token'} | "
+                     f"{tokens_per_s:,.0f} tok/s | {format_duration(self.elapsed_s)}")
         self._window.reset()
 
-    def checkpoint(self, wait: bool = False) -> None:
-        """Save (never over a good checkpoint with a diverged model) and push."""
-        if self._window.steps and not math.isfinite(float(self._window.loss)):
+    def _replica_digests(self) -> list[str] | None:
+        """Every rank's digest of its weights and EMA, checked equal (every rank must call this); None on one
+        rank."""
+        if not self.ranks.distributed:
+            return None
+        mine = replica_digest([*self.model.parameters(), *self.ema.shadow_params])
+        digests = self.ranks.gather(mine)
+        if len(set(digests)) > 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
             raise TrainingError(
-                f"the training loss is not finite at step {self.step}; not saving over the checkpoint of step "
-                f"{self.last_saved_step}. Lower training.lr or raise training.warmup and resume")
+                f"at step {self.step} the weights or EMA of rank(s) {differ} differ from rank 0's; the last "
+                f"checkpoint (step {self.last_saved_step}) is untouched. Resume from it")
+        return digests
+
+    def checkpoint(self, wait: bool = False) -> None:
+        """Save (never over a good checkpoint with a diverged model) and push; rank 0 writes, every rank calls."""
+        if self._window.steps:
+            loss = float(self.ranks.mean(self._window.loss))
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the training loss is not finite at step {self.step}; not saving over the checkpoint of step "
+                    f"{self.last_saved_step}. Lower training.lr or raise training.warmup and resume")
+        replicas = self._replica_digests()
         self._update_elapsed()
-        self.save()
-        self.push(wait=wait)
+        if self.ranks.main:
+            self.save(replicas)
+            if replicas is not None:
+                self.log(f"checkpoint at step {self.step:,}: weights and EMA identical on {len(replicas)} ranks")
+        self.ranks.barrier()  # no rank goes on, or exits, before the checkpoint is on disk
+        self.last_saved_step = self.step
+        if self.ranks.main:
+            self.push(wait=wait)
 
     def _finish(self) -> str:
         """After the loop: the last evaluation, snapshot and checkpoint not yet done; returns the status."""
         t = self.config.training
         status = "finished"
-        if self._stop_signal is not None:
-            status = signal.Signals(self._stop_signal).name
+        if self.stop_requested is not None:
+            status = signal.Signals(self.stop_requested).name
             if self.last_saved_step != self.step:
                 self.checkpoint(wait=True)
             self.log(f"stopped at step {self.step:,} ({status}); continue with: "
@@ -466,7 +560,7 @@ class Trainer:
         else:
             if self._last_eval_step != self.step:
                 self.evaluate_and_log()
-            if self._snapshot_step != self.step and t.snapshot_every > 0:
+            if self._snapshot_step != self.step and t.snapshot_every > 0 and self.ranks.main:
                 self.snapshot()
             if self.last_saved_step != self.step:
                 self.checkpoint(wait=True)
@@ -475,7 +569,8 @@ class Trainer:
         return status
 
     def _save_after_interrupt(self) -> None:
-        """Ctrl-C twice (or once outside the main thread): keep what is consistent, and say how to go on."""
+        """Ctrl-C twice (or once outside the main thread): keep what is consistent, and say how to go on.
+        Rank 0 saves its own state (no collective: other ranks may be anywhere)."""
         if self._phase == "update":
             self.log(f"interrupted while updating the weights; the checkpoint of step {self.last_saved_step} "
                      "stands")
@@ -483,28 +578,10 @@ class Trainer:
         if self._phase == "step" and self._rng_before is not None:
             self.set_rng_state(self._rng_before)  # the unfinished step is redone on resume, same data
             self.optimizer.zero_grad(set_to_none=True)
-        if self.last_saved_step != self.step:
+        if self.last_saved_step != self.step and self.ranks.main:
             self._update_elapsed()
             self.save()
         self.log(f"interrupted at step {self.step:,}; continue with: sedd train --out {self.run_dir} --resume")
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT and SIGTERM stop the run after the current step (a second Ctrl-C at once)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            if signum == signal.SIGINT and self._stop_signal is not None:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            self._stop_signal = signum
-            self.log(f"received {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                     "(Ctrl-C again to stop at once)")
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-        return previous
 
     def _result(self, status: str) -> dict[str, Any]:
         self._update_elapsed()
@@ -512,7 +589,7 @@ class Trainer:
         result = {"step": self.step, "eval_step": last.get("step"), "train_loss": last.get("train_loss"),
                   "valid_loss": last.get("valid_loss"), "valid_bpc": last.get("valid_bpc"),
                   "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": self.elapsed_s,
-                  "status": status, "run_dir": str(self.run_dir)}
+                  "world_size": self.ranks.world_size, "status": status, "run_dir": str(self.run_dir)}
         if self.pusher is not None:
             result["pushes"] = len(self.pusher.commits)
             result["push_failures"] = len(self.pusher.failures)
@@ -521,12 +598,14 @@ class Trainer:
 
 def train(config: TrainConfig | str | os.PathLike | dict, run_dir: str | os.PathLike, resume: bool = False,
           repo: str | None = None, device: str | torch.device | None = None, *, progress: bool = True,
-          log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, gpt2_vocab: str | os.PathLike | None = None,
+          ranks: Ranks | None = None, init: LoadedModel | None = None) -> dict[str, Any]:
     """Train (or with `resume`, continue) a SEDD model into `run_dir`; returns the final metrics:
-    step, train_loss and valid_loss (nats per token), valid_bpc, tokens_per_s, elapsed_s and
+    step, train_loss and valid_loss (nats per token), valid_bpc, tokens_per_s, elapsed_s, world_size and
     status ("finished", or the signal that stopped the run). `gpt2_vocab`: a gpt2.tiktoken file for
-    GPT-2-token runs (copied into the run folder), instead of tiktoken's download."""
+    GPT-2-token runs (copied into the run folder), instead of tiktoken's download. Installs no signal
+    handler: call `Trainer.request_stop` from one (the command line does) to stop with a checkpoint."""
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
     return Trainer(config, run_dir, resume=resume, repo=repo, device=device, progress=progress, log=log,
-                   gpt2_vocab=gpt2_vocab).run()
+                   gpt2_vocab=gpt2_vocab, ranks=ranks, init=init).run()

@@ -258,7 +258,8 @@ async def test_no_request_field_names_a_file_or_a_model(access_client):
         properties = schemas[name]["properties"]
         assert schemas[name]["additionalProperties"] is False
         assert set(properties) <= {"num_samples", "steps", "length", "predictor", "seed", "stream", "stream_every",
-                                   "pieces", "prefix", "suffix", "segments", "text", "spans", "lengths"}, \
+                                   "pieces", "prefix", "suffix", "segments", "text", "spans", "lengths",
+                                   "temperature", "top_p", "top_k", "min_p"}, \
             sorted(properties)
 
 

@@ -21,8 +21,8 @@ The speed-ups:
   caller's buffer;
 - attention goes through the flash-attn package where it is installed and the card supports it
   (`flash_attn_usable`), else PyTorch's SDPA;
-- `compile=` runs the embedding and blocks through `torch.compile`, one static graph per
-  power-of-two row bucket.
+- `compile=` runs the network through `torch.compile` (Inductor): the sampler's whole call as one
+  graph, rows and masked positions as dynamic sizes.
 
 Precision: the matmuls run in the dtype the weights are stored in (`SEDD.compute_dtype`: loading stores
 them once, at load); the residual stream, layer norms, rotary tables and the output's vocabulary-wide
@@ -256,11 +256,12 @@ class FastSEDD:
 
     `compile`: None (eager), "freeze" (torch.compile with Inductor freezing: the weights become
     constants, prepacked for the CPU's matmul kernels) or a torch.compile mode such as
-    "reduce-overhead" (CUDA graphs on a GPU). The embedding and every block but the last block's
-    position-by-position half are compiled, one static graph per power-of-two bucket of rows and per
-    length: a batch is padded up to its bucket, so a server sees at most log2(max_rows) + 1
-    compilations per length (`warm` does them up front). If the weights change after compiling, the
-    trunk runs eagerly again with a warning rather than with stale constants."""
+    "reduce-overhead" (CUDA graphs on a GPU). Compiled, `log_score_at_index` is one graph (trunk, the
+    last block at the positions asked for, the output layer, sigma's offset) whose numbers of rows and
+    of positions are dynamic sizes, so that two compilations per length serve every batch: one row, and
+    two or more (`warm` does them up front). `__call__` compiles its trunk the same way. If the weights
+    change after compiling, the network runs eagerly again with a warning rather than with stale
+    constants."""
 
     def __init__(self, model: SEDD, compile: str | None = None):
         if compile is not None and compile not in COMPILE_MODES:
@@ -269,16 +270,17 @@ class FastSEDD:
         self.blocks = [FastBlock(block) for block in model.blocks]
         self._rotary: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (length, device, dtype): _rotary_tables
         self._stacked_modulation: tuple | None = None  # (contents key, weight, bias): _modulations
-        self._compiled_trunk = None
+        self._compiled: dict | None = None  # "trunk" and "scores": the compiled graphs
         self._compiled_weights: tuple | None = None
         self._freeze = compile == "freeze"
         if compile is not None:
-            self._compiled_trunk = _compile(self._trunk_graph, compile)
+            self._compiled = {"trunk": _compile(self._trunk_graph, compile),
+                              "scores": _compile(self._scores_graph, compile)}
 
     @property
     def compiled(self) -> bool:
-        """The compiled trunk is in use (False without `compile`, or after the weights changed)."""
-        return self._compiled_trunk is not None
+        """The compiled graphs are in use (False without `compile`, or after the weights changed)."""
+        return self._compiled is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -310,17 +312,81 @@ class FastSEDD:
         buffer avoids fresh memory every step on a CPU); in bfloat16 the output layer's result becomes
         float32 there, in the pass that subtracts sigma's offset. `row_of` (index // L) may be passed by
         a caller that has it already."""
-        model = self.model
         if row_of is None:
             row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
-        x, attended, mod, c = self.trunk(tokens, sigma)
+        if self._compiled_usable():
+            return self._compiled_scores(tokens, sigma, index, row_of, out)
+        cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
+        trunk = self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
+        return self._tail(tokens, sigma, index, row_of, *trunk, out=out)
+
+    def warm(self, max_rows: int, length: int) -> list[tuple[int, float]]:
+        """Compile now rather than at the first batches: the graphs for one row and for two or more (up to
+        `max_rows`, a dynamic size) at `length`; a compilation takes seconds to a minute. Returns (rows,
+        seconds) per compilation; [] when nothing is compiled."""
+        if self._compiled is None:
+            return []
+        device = self.model.output_layer.linear.weight.device
+        timings = []
+        for rows in sorted({1, min(2, max_rows)}):
+            tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+            sigma = torch.ones(rows, device=device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                if self.model.absorb:  # the sampler's call; with the uniform graph it is the full forward
+                    tokens.fill_(self.model.config.mask_id)
+                    self.log_score_at_index(tokens, sigma, torch.arange(2, device=device))
+                else:
+                    self(tokens, sigma)
+            timings.append((rows, time.perf_counter() - start))
+        return timings
+
+    # ---- the trunk: embedding, every block but the last, the last block's attention half -------------
+    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything before the position-by-position half of the last block, compiled when `compile` was
+        given: (x entering the last block (B, L, H) float32, its attention output (B, L, H) in the weights'
+        dtype, its modulation (B or 1, 1, 6H), c (B or 1, cond))."""
+        cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
+        if not self._compiled_usable():
+            return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
+        _mark_dynamic(rows=(tokens, sigma))
+        with _freezing(self._freeze):  # Inductor reads it when it compiles
+            return self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
+
+    def _trunk_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     polar: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...]:
+        """`trunk` as a function of tensors: what gets compiled. `shared`: every row at sigma[0]."""
+        model = self.model
+        x = model.vocab_embed(tokens).float()
+        c = F.silu(model.sigma_map(sigma[:1] if shared else sigma))
+        rotary = (cos, sin, polar)
+        mods = self._modulations(c)
+        for block, mod in zip(self.blocks[:-1], mods):
+            x = block(x, rotary, c, mod)
+        mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
+        return x, attended, mod, c
+
+    # ---- after the trunk: the last block and the output layer where they are needed --------------------
+    def _scores_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor, row_of: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`log_score_at_index` as one function of tensors: what gets compiled (a conditioning row per
+        row, so that a row computes the same alone and in a batch)."""
+        trunk = self._trunk_graph(tokens, sigma, cos, sin, None, False)
+        return self._tail(tokens, sigma, index, row_of, *trunk)
+
+    def _tail(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor, row_of: torch.Tensor,
+              x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor, c: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """From the trunk to the float32 log score at `index`: the last block's position-by-position half
+        and the output layer at those positions, sigma's offset, 0 at each position's own token."""
+        model = self.model
         layer = model.output_layer.linear
         h = self.blocks[-1].at_positions(x, attended, mod, index, row_of)  # (N, H) float32
         shift, scale = linear(model.output_layer.adaLN_modulation, c).chunk(2, dim=1)  # (B or 1, H)
         if c.shape[0] > 1:
             shift, scale = shift[row_of], scale[row_of]  # (N, H)
         h = modulated_norm(model.output_layer.norm_final, h, shift, scale)
-        into = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+        into = out is not None and out.dtype == torch.float32 and out.is_contiguous() and _eager()
         if into and layer.weight.dtype == torch.float32:
             log_score = torch.addmm(layer.bias, h, layer.weight.t(), out=out)  # (N, V)
         else:
@@ -337,59 +403,27 @@ class FastSEDD:
         own = tokens.reshape(-1).index_select(0, index)
         return log_score.scatter_(-1, own[:, None], 0.0)
 
-    def warm(self, max_rows: int, length: int) -> list[tuple[int, float]]:
-        """Compile every row bucket up to `max_rows` at `length` now, rather than at the first batch of
-        each size (a compilation takes seconds to a minute). Returns (bucket, seconds) per bucket; [] when
-        the trunk is not compiled."""
-        if self._compiled_trunk is None:
-            return []
-        device = self.model.output_layer.linear.weight.device
-        timings, bucket = [], 1
-        while True:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                self.trunk(torch.zeros(bucket, length, dtype=torch.long, device=device),
-                           torch.ones(bucket, device=device))
-            timings.append((bucket, time.perf_counter() - start))
-            if bucket >= max_rows:
-                return timings
-            bucket *= 2
+    def _compiled_scores(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
+                         row_of: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """`log_score_at_index` through the compiled graph. Rows (from two on) and positions are dynamic
+        sizes; one row gets a graph of its own (torch.compile always specialises a size of 1), and a single
+        position is padded to two so that it needs none."""
+        count = index.numel()
+        if count == 1:
+            index, row_of = index.repeat(2), row_of.repeat(2)
+        _mark_dynamic(index, row_of, rows=(tokens, sigma))
+        cos, sin, _ = self._rotary_tables(tokens.shape[1], tokens.device)
+        with _freezing(self._freeze):
+            scores = self._compiled["scores"](tokens, sigma, index, row_of, cos, sin)
+        if count == 1:
+            scores = scores[:1]
+        return out.copy_(scores) if out is not None and out.shape == scores.shape else scores
 
-    # ---- the trunk: embedding, every block but the last, the last block's attention half -------------
-    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Everything before the position-by-position half of the last block, compiled when `compile` was
-        given: (x entering the last block (B, L, H) float32, its attention output (B, L, H) in the weights'
-        dtype, its modulation (B or 1, 1, 6H), c (B or 1, cond))."""
-        cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
-        if not self._compiled_trunk_usable():
-            return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
-        rows = tokens.shape[0]
-        bucket = 1 << (rows - 1).bit_length()
-        if bucket != rows:  # pad to the bucket with copies of the last row; rows never mix
-            pad = bucket - rows
-            tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
-            sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
-        with _freezing(self._freeze):  # Inductor reads it when it compiles a new bucket
-            found = self._compiled_trunk(tokens, sigma, cos, sin, None, False)
-        return tuple(t[:rows] for t in found)
-
-    def _trunk_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     polar: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...]:
-        """`trunk`, with static shapes: what gets compiled."""
-        model = self.model
-        x = model.vocab_embed(tokens).float()
-        c = F.silu(model.sigma_map(sigma[:1] if shared else sigma))
-        rotary = (cos, sin, polar)
-        mods = self._modulations(c)
-        for block, mod in zip(self.blocks[:-1], mods):
-            x = block(x, rotary, c, mod)
-        mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
-        return x, attended, mod, c
-
+    # ---- what the passes share ------------------------------------------------------------------------
     def _rotary_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """cos and sin (L, d/2) in the weights' dtype (rotary runs in it), and on a CPU in float32 cos + i sin
         as complex64 (rotary as one complex product: `rotary_qk_interleaved`), else None. Made once per
-        length, so that no pass casts them."""
+        length, so that no pass converts them."""
         dtype = self.dtype
         key = (seq_len, str(device), dtype)
         if key not in self._rotary:
@@ -401,7 +435,7 @@ class FastSEDD:
     def _modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Every block's adaLN_modulation(c), from one matmul over their weights side by side (one kernel
         instead of one per block). Eagerly the stacked weights are kept while the weights are unchanged;
-        in a compiled trunk the concatenation is traced (Inductor's freezing folds it into a constant)."""
+        in a compiled graph the concatenation is traced (Inductor's freezing folds it into a constant)."""
         layers = [block.adaLN_modulation for block in self.model.blocks]
         if not _eager():
             weight = torch.cat([layer.weight for layer in layers])
@@ -414,25 +448,34 @@ class FastSEDD:
             _, weight, bias = self._stacked_modulation
         return list(F.linear(c.to(weight.dtype), weight, bias).split(layers[0].out_features, dim=-1))
 
-    def _compiled_trunk_usable(self) -> bool:
-        """Compiled trunk on, and the weights still those it was first compiled with."""
-        if self._compiled_trunk is None:
+    def _compiled_usable(self) -> bool:
+        """Compiled graphs on, and the weights still those they were first compiled with."""
+        if self._compiled is None:
             return False
         key = contents_key(self.model.parameters())
         if self._compiled_weights is None:
             self._compiled_weights = key
         elif key != self._compiled_weights:
-            warnings.warn("the model's weights changed after the trunk was compiled; running it eagerly "
+            warnings.warn("the model's weights changed after the network was compiled; running it eagerly "
                           "(make a new FastSEDD to compile again)", stacklevel=4)
-            self._compiled_trunk = None
+            self._compiled = None
             return False
         return True
+
+
+def _mark_dynamic(*sizes: torch.Tensor, rows: tuple[torch.Tensor, ...] = ()) -> None:
+    """Dim 0 of each of `sizes`, and of `rows` when they hold two or more, is a dynamic size for
+    torch.compile (a size of 1 would be specialised anyway)."""
+    import torch._dynamo
+
+    for tensor in (*sizes, *(rows if rows and rows[0].shape[0] > 1 else ())):
+        torch._dynamo.mark_dynamic(tensor, 0)
 
 
 def _freezing(on: bool):
     """Inductor's freezing (weights become constants, prepacked for oneDNN) while a compiled call may
     compile. `torch.compile(options={"freezing": True})` does not reach the pass that freezes (PyTorch
-    2.13: the weights stay graph inputs and every matmul an unpacked addmm), the config setting does."""
+    2.13: the weights stay graph inputs and every matmul an unpacked addmm); the config setting does."""
     if not on:
         return contextlib.nullcontext()
     import torch._inductor.config as inductor_config
@@ -440,12 +483,12 @@ def _freezing(on: bool):
     return inductor_config.patch(freezing=True)
 
 
-def _compile(trunk_graph, mode: str):
+def _compile(graph, mode: str):
     import torch._dynamo
 
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 64))  # one graph per bucket and length
+    setattr(config, limit, max(getattr(config, limit), 64))  # two graphs per length
     if mode == "freeze":
-        return torch.compile(trunk_graph, dynamic=False)
-    return torch.compile(trunk_graph, dynamic=False, mode=mode)
+        return torch.compile(graph)
+    return torch.compile(graph, mode=mode)

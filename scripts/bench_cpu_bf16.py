@@ -2,7 +2,7 @@
 """The measuring run of docs/benchmarks.md "CPU, round three": servers started as `make serve` starts them,
 arms taking turns, each measured with scripts/bench_server.py against the matmul rate of its own dtype.
 
-    python scripts/bench_cpu_bf16.py                       # the three arms below, 2 rounds, results in docs/cpu-bf16/
+    python scripts/bench_cpu_bf16.py                       # the four arms below, 1 round, results in docs/cpu-bf16/
     python scripts/bench_cpu_bf16.py --rounds 1 --quick    # a smoke run
     python scripts/bench_cpu_bf16.py --arm bf16=. --arm fp32=.:SEDD_DTYPE=float32 --rounds 3
 
@@ -12,12 +12,15 @@ Each arm's server is `make -C WHERE serve HOST=127.0.0.1 PORT=...` with the arm'
 environment (minus any SEDD_*): what a user gets from `make serve`, a fresh server per measurement. The
 default arms:
 
-    before  @BEFORE_REV                 the code before issue 23: float32 on a CPU, eager
-    fp32    .:SEDD_DTYPE=float32        this code in float32
-    bf16    .                           this code as `make serve` starts it (auto dtype: bf16 on a CPU with
-                                        native bf16 instructions)
+    before      @BEFORE_REV                          the code before issue 23: float32 on a CPU, eager
+    fp32        .:SEDD_DTYPE=float32:SEDD_COMPILE=0  this code in float32, eager (as before)
+    bf16-eager  .:SEDD_COMPILE=0                     bf16 (on a CPU with native bf16), eager: what the dtype
+                                                     alone pays, and what an image without a compiler gets
+    bf16        .                                    this code as `make serve` starts it: auto dtype (bf16 on a
+                                                     CPU with native bf16), SEDD_COMPILE=auto (the compiled
+                                                     step where a C++ compiler is present)
 
-Per round the arms run in order and then in reverse (A B C C B A), so that drift in the machine's load hits
+Per round the arms run in order and then in reverse (A B C D D C B A), so that drift in the machine's load hits
 them alike. Per arm and turn, against one fresh server:
   one  1 client, 7 JSON requests of the defaults (128 steps, 1 sample) after 2 warm-up requests: the
        median latency, and its ratio to the time one request's network FLOPs take at the matmul rate
@@ -53,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_server import matmul_rate  # noqa: E402
 
 BEFORE_REV = "96bdb8c"  # main before issue 23 (the base of the bf16 branch)
-DEFAULT_ARMS = [f"before=@{BEFORE_REV}", "fp32=.:SEDD_DTYPE=float32", "bf16=."]
+DEFAULT_ARMS = [f"before=@{BEFORE_REV}", "fp32=.:SEDD_DTYPE=float32:SEDD_COMPILE=0", "bf16-eager=.:SEDD_COMPILE=0", "bf16=."]
 
 
 def now() -> str:
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arm", action="append", default=None, help="NAME=WHERE[:VAR=VALUE...] (repeatable; "
                                                                  f"default: {' '.join(DEFAULT_ARMS)})")
-    p.add_argument("--rounds", type=int, default=2, help="palindromic rounds (A B C C B A each; default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="palindromic rounds (A B C D D C B A each; default 1)")
     p.add_argument("--out", default=str(ROOT / "docs" / "cpu-bf16"), help="results folder")
     p.add_argument("--quiet-load", type=float, default=1.0, help="wait for a 1-minute load average below this")
     p.add_argument("--quiet-wait", type=float, default=300, help="longest wait for it before an arm, seconds")

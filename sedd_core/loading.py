@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,26 @@ def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The dtype of `choose_dtype`."""
     return choose_dtype(dtype, device)[0]
+
+
+CPP_COMPILERS = ("g++", "c++", "clang++")  # what Inductor's CPU kernels are built with
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU kernels would be built with, or None when there is none."""
+    for name in CPP_COMPILERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def resolve_compile(compile: str | None, device: torch.device) -> str | None:
+    """FastSEDD's `compile`: "auto" is "freeze" (Inductor, weights frozen in) on a CPU with a C++ compiler,
+    where the compiled step pays most (docs/benchmarks.md, CPU round three), and None (eager) elsewhere."""
+    if compile != "auto":
+        return compile
+    return "freeze" if device.type == "cpu" and cpp_compiler() else None
 
 
 def resolve_source(source: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
@@ -307,11 +328,12 @@ def load(source: str | os.PathLike | None = "default", device: str | torch.devic
     cache_dir: where hub sources are downloaded (default ~/.cache/sedd); oxen_host: the Oxen hub (default
     hub.oxen.ai); gpt2_vocab: a gpt2.tiktoken file for GPT-2 models whose folder has none.
     fast=False samples through the plain network (`model.SEDD`) instead of `fast_model.FastSEDD`;
-    compile is FastSEDD's (None, "freeze" or a torch.compile mode)."""
-    if compile is not None and (not fast or compile not in COMPILE_MODES):
-        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)}")
+    compile is FastSEDD's (None, "freeze" or a torch.compile mode), or "auto" (`resolve_compile`)."""
+    if compile is not None and (not fast or compile not in (*COMPILE_MODES, "auto")):
+        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)} or auto")
     path, source_text = resolve_source(source, cache_dir, oxen_host)
     device = resolve_device(device)
+    compile = resolve_compile(compile, device)
     dtype, dtype_choice = choose_dtype(dtype, device)
     model, config, layout = load_network(path, device, dtype, allow_pickle)
     tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer, gpt2_vocab)

@@ -240,3 +240,16 @@ def test_detect_layout_prefers_oxen_export_over_training_state(char_folder):
     (char_folder / "checkpoints-meta").mkdir()
     pickle.dump({}, open(char_folder / "checkpoints-meta" / "checkpoint.pth", "wb"))
     assert detect_layout(char_folder)[0] == "oxen"
+
+
+def test_compile_auto_is_the_frozen_graph_on_a_cpu_with_a_cpp_compiler_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loading, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert loading.resolve_compile("auto", cpu) == "freeze"
+    assert loading.resolve_compile("auto", cuda) is None  # a GPU host starts without compiling
+    monkeypatch.setattr(loading, "cpp_compiler", lambda: None)  # Inductor could not build its CPU kernels
+    assert loading.resolve_compile("auto", cpu) is None
+    lm = sedd_core.load("default", device="cpu", compile="auto")
+    assert not lm.runner.compiled
+    for given in (None, "freeze", "reduce-overhead"):
+        assert loading.resolve_compile(given, cpu) == given

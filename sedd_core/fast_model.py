@@ -329,10 +329,10 @@ class FastSEDD:
         device = self.model.output_layer.linear.weight.device
         timings = []
         for rows in sorted({1, min(2, max_rows)}):
-            tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
-            sigma = torch.ones(rows, device=device)
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode():  # inference tensors, as the sampler's: torch.compile guards on it
+                tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+                sigma = torch.ones(rows, device=device)
                 if self.model.absorb:  # the sampler's call; with the uniform graph it is the full forward
                     tokens.fill_(self.model.config.mask_id)
                     self.log_score_at_index(tokens, sigma, torch.arange(2, device=device))

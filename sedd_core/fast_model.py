@@ -349,6 +349,7 @@ class FastSEDD:
         cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
         if not self._compiled_usable():
             return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
+        tokens, sigma = _inference(tokens, sigma)
         _mark_dynamic(rows=(tokens, sigma))
         with _freezing(self._freeze):  # Inductor reads it when it compiles
             return self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
@@ -411,6 +412,7 @@ class FastSEDD:
         count = index.numel()
         if count == 1:
             index, row_of = index.repeat(2), row_of.repeat(2)
+        tokens, sigma, index, row_of = _inference(tokens, sigma, index, row_of)
         _mark_dynamic(index, row_of, rows=(tokens, sigma))
         cos, sin, _ = self._rotary_tables(tokens.shape[1], tokens.device)
         with _freezing(self._freeze):
@@ -461,6 +463,14 @@ class FastSEDD:
             self._compiled = None
             return False
         return True
+
+
+def _inference(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as inference tensors under inference mode (a copy of those that are not): the sampler's
+    are, and torch.compile guards on it, so a caller's ordinary tensors would otherwise compile anew."""
+    if not torch.is_inference_mode_enabled():
+        return tensors
+    return tuple(t if t.is_inference() else t.clone() for t in tensors)
 
 
 def _mark_dynamic(*sizes: torch.Tensor, rows: tuple[torch.Tensor, ...] = ()) -> None:

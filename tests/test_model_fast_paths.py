@@ -319,9 +319,13 @@ def test_compiled_bfloat16_step_matches_eager_and_is_batch_invariant(torch_compi
     sigma, index = torch.tensor([0.3, 1.0, 4.0]), (x == lm.mask_id).reshape(-1).nonzero().squeeze(1)
     eager = lm.runner.log_score_at_index(x, sigma, index)
     lm.runner = FastSEDD(lm.model, compile="freeze")
+    assert [rows for rows, _ in lm.runner.warm(8, lm.length)] == [1, 2]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = lm.runner.log_score_at_index(x, sigma, index)
     assert lm.runner.compiled
     assert relative_error(compiled, eager) <= 3 * 2**-8
     alone, batched, rows = _alone_and_in_a_full_batch(lm)
     assert rows == 8
     assert torch.equal(alone, batched)
+    # every call above (1 to 8 rows, any number of masked positions) used the two warmed graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

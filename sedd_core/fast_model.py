@@ -271,8 +271,11 @@ class FastSEDD:
         self._rotary: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (length, device, dtype): _rotary_tables
         self._stacked_modulation: tuple | None = None  # (contents key, weight, bias): _modulations
         self._compiled: dict | None = None  # "trunk" and "scores": the compiled graphs
-        self._compiled_weights: tuple | None = None
-        self._freeze = compile == "freeze"
+        self._compiled_weights: tuple | None = None  # weights_key() when first compiled
+        self._params = list(model.parameters())
+        self._inductor = {"freezing": True} if compile == "freeze" else {}
+        if compile is not None and next(model.parameters()).device.type == "cpu":
+            self._inductor["cpp_wrapper"] = True  # the graph's calls from C++, not Python: less per-pass overhead
         if compile is not None:
             self._compiled = {"trunk": _compile(self._trunk_graph, compile),
                               "scores": _compile(self._scores_graph, compile)}
@@ -351,7 +354,7 @@ class FastSEDD:
             return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
         tokens, sigma = _inference(tokens, sigma)
         _mark_dynamic(rows=(tokens, sigma))
-        with _freezing(self._freeze):  # Inductor reads it when it compiles
+        with _inductor_config(self._inductor):  # Inductor reads it when it compiles
             return self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
 
     def _trunk_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -415,7 +418,7 @@ class FastSEDD:
         tokens, sigma, index, row_of = _inference(tokens, sigma, index, row_of)
         _mark_dynamic(index, row_of, rows=(tokens, sigma))
         cos, sin, _ = self._rotary_tables(tokens.shape[1], tokens.device)
-        with _freezing(self._freeze):
+        with _inductor_config(self._inductor):
             scores = self._compiled["scores"](tokens, sigma, index, row_of, cos, sin)
         if count == 1:
             scores = scores[:1]
@@ -450,11 +453,18 @@ class FastSEDD:
             _, weight, bias = self._stacked_modulation
         return list(F.linear(c.to(weight.dtype), weight, bias).split(layers[0].out_features, dim=-1))
 
+    def weights_key(self) -> tuple:
+        """Changes whenever a weight is written in place (an optimiser step, load_state_dict into it) or moved
+        (`.to()`): the versions and addresses of the parameters the runner was made with (about 10 us; walking
+        the modules for them would cost ten times that on every pass). Parameters replaced by new objects need
+        a new FastSEDD."""
+        return tuple(p._version for p in self._params), tuple(map(torch.Tensor.data_ptr, self._params))
+
     def _compiled_usable(self) -> bool:
         """Compiled graphs on, and the weights still those they were first compiled with."""
         if self._compiled is None:
             return False
-        key = contents_key(self.model.parameters())
+        key = self.weights_key()
         if self._compiled_weights is None:
             self._compiled_weights = key
         elif key != self._compiled_weights:
@@ -482,15 +492,16 @@ def _mark_dynamic(*sizes: torch.Tensor, rows: tuple[torch.Tensor, ...] = ()) -> 
         torch._dynamo.mark_dynamic(tensor, 0)
 
 
-def _freezing(on: bool):
-    """Inductor's freezing (weights become constants, prepacked for oneDNN) while a compiled call may
-    compile. `torch.compile(options={"freezing": True})` does not reach the pass that freezes (PyTorch
-    2.13: the weights stay graph inputs and every matmul an unpacked addmm); the config setting does."""
-    if not on:
+def _inductor_config(options: dict):
+    """Inductor's settings while a compiled call may compile. Freezing (weights become constants, prepacked
+    for oneDNN): `torch.compile(options={"freezing": True})` does not reach the pass that freezes (PyTorch
+    2.13: the weights stay graph inputs and every matmul an unpacked addmm), the config setting does.
+    cpp_wrapper: on a CPU the graph's kernel calls are made from generated C++ instead of Python."""
+    if not options:
         return contextlib.nullcontext()
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(freezing=True)
+    return inductor_config.patch(**options)
 
 
 def _compile(graph, mode: str):

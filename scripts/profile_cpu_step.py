@@ -6,8 +6,10 @@ steps, the bundled model) per arm, after an unprofiled warm-up request.
     python scripts/profile_cpu_step.py --arm bfloat16 --threads 1 --rows 8 --steps 64
     PYTHONPATH=/tmp/sedd-bench-96bdb8c python scripts/profile_cpu_step.py --arm float32 --arm bfloat16   # old code
 
-An arm is DTYPE or DTYPE+compile (SEDD_COMPILE's Inductor freezing). It uses only `sedd_core.load` and
-`benchmarks.sedd_bench.run_ours`, so it profiles older checkouts too (PYTHONPATH). Per arm it prints the
+An arm is DTYPE, DTYPE+compile (SEDD_COMPILE's Inductor freezing) or DTYPE+compile-py (the same with
+Inductor's Python wrapper instead of its C++ one, so that the profiler sees the graph's matmuls and attention
+as calls of their own; with the C++ wrapper they count as "Inductor kernels"). Apart from that switch it uses
+only `sedd_core.load` and `benchmarks.sedd_bench.run_ours`, so it profiles older checkouts too (PYTHONPATH). Per arm it prints the
 request's wall time with and without the profiler, the operator calls per step, and self CPU time per step
 in: matmuls (aten mm/addmm/bmm, oneDNN linear), attention (SDPA), layer norms, casts and copies
 (to/_to_copy/copy_), Inductor's generated kernels (the self time of a compiled graph's call), dynamo
@@ -58,6 +60,8 @@ def profile_arm(arm: str, rows: int, steps: int) -> dict:
     dtype, _, compiled = arm.partition("+")
     start = time.perf_counter()
     lm = load("default", device="cpu", dtype=dtype, compile="freeze" if compiled else None)
+    if compiled == "compile-py":
+        lm.runner._inductor.pop("cpp_wrapper", None)
     run_ours(lm, rows, 2, lm.length)
     if compiled:
         lm.runner.warm(rows, lm.length)
@@ -93,7 +97,8 @@ def profile_arm(arm: str, rows: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arm", action="append", default=None, help="DTYPE or DTYPE+compile (repeatable)")
+    p.add_argument("--arm", action="append", default=None, help="DTYPE, DTYPE+compile or DTYPE+compile-py "
+                                                                 "(repeatable)")
     p.add_argument("--rows", type=int, default=1, help="samples in the request (default 1)")
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")

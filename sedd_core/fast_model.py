@@ -256,12 +256,16 @@ class FastSEDD:
 
     `compile`: None (eager), "freeze" (torch.compile with Inductor freezing: the weights become
     constants, prepacked for the CPU's matmul kernels) or a torch.compile mode such as
-    "reduce-overhead" (CUDA graphs on a GPU). Compiled, `log_score_at_index` is one graph (trunk, the
-    last block at the positions asked for, the output layer, sigma's offset) whose numbers of rows and
-    of positions are dynamic sizes, so that two compilations per length serve every batch: one row, and
-    two or more (`warm` does them up front). `__call__` compiles its trunk the same way. If the weights
-    change after compiling, the network runs eagerly again with a warning rather than with stale
-    constants."""
+    "reduce-overhead" (CUDA graphs on a GPU).
+    - "freeze": `log_score_at_index` is one graph (trunk, the last block at the positions asked for, the
+      output layer, sigma's offset) whose numbers of rows and of positions are dynamic sizes, so that two
+      compilations per length serve every batch: one row, and two or more. `__call__` compiles its trunk
+      the same way.
+    - the modes: the trunk only (the rest depends on how many positions are masked), one static graph
+      per power-of-two bucket of rows and per length, a batch padded up to its bucket (CUDA graphs record
+      one graph per shape).
+    `warm` compiles them up front. If the weights change after compiling, the network runs eagerly
+    again with a warning rather than with stale constants."""
 
     def __init__(self, model: SEDD, compile: str | None = None):
         if compile is not None and compile not in COMPILE_MODES:
@@ -270,15 +274,16 @@ class FastSEDD:
         self.blocks = [FastBlock(block) for block in model.blocks]
         self._rotary: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (length, device, dtype): _rotary_tables
         self._stacked_modulation: tuple | None = None  # (contents key, weight, bias): _modulations
-        self._compiled: dict | None = None  # "trunk" and "scores": the compiled graphs
+        self._compiled: dict | None = None  # "trunk", and with "freeze" "scores": the compiled graphs
         self._compiled_weights: tuple | None = None  # weights_key() when first compiled
         self._params = list(model.parameters())
         self._inductor = {"freezing": True} if compile == "freeze" else {}
         if compile is not None and next(model.parameters()).device.type == "cpu":
             self._inductor["cpp_wrapper"] = True  # the graph's calls from C++, not Python: less per-pass overhead
         if compile is not None:
-            self._compiled = {"trunk": _compile(self._trunk_graph, compile),
-                              "scores": _compile(self._scores_graph, compile)}
+            self._compiled = {"trunk": _compile(self._trunk_graph, compile)}
+            if compile == "freeze":
+                self._compiled["scores"] = _compile(self._scores_graph, compile)
 
     @property
     def compiled(self) -> bool:
@@ -317,21 +322,24 @@ class FastSEDD:
         a caller that has it already."""
         if row_of is None:
             row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
-        if self._compiled_usable():
+        if self._compiled_usable() and "scores" in self._compiled:
             return self._compiled_scores(tokens, sigma, index, row_of, out)
-        cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
-        trunk = self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
-        return self._tail(tokens, sigma, index, row_of, *trunk, out=out)
+        return self._tail(tokens, sigma, index, row_of, *self.trunk(tokens, sigma), out=out)
 
     def warm(self, max_rows: int, length: int) -> list[tuple[int, float]]:
-        """Compile now rather than at the first batches: the graphs for one row and for two or more (up to
-        `max_rows`, a dynamic size) at `length`; a compilation takes seconds to a minute. Returns (rows,
-        seconds) per compilation; [] when nothing is compiled."""
+        """Compile now rather than at the first batches, at `length`: with "freeze" the graphs for one row and
+        for two or more (up to `max_rows`, a dynamic size), with a mode every bucket up to `max_rows`; a
+        compilation takes seconds to a minute. Returns (rows, seconds) per compilation; [] when nothing is
+        compiled."""
         if self._compiled is None:
             return []
         device = self.model.output_layer.linear.weight.device
+        if "scores" in self._compiled:
+            sizes = sorted({1, min(2, max_rows)})
+        else:
+            sizes = [1 << i for i in range((max(max_rows, 1) - 1).bit_length() + 1)]
         timings = []
-        for rows in sorted({1, min(2, max_rows)}):
+        for rows in sizes:
             start = time.perf_counter()
             with torch.inference_mode():  # inference tensors, as the sampler's: torch.compile guards on it
                 tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
@@ -352,10 +360,18 @@ class FastSEDD:
         cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
         if not self._compiled_usable():
             return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
-        tokens, sigma = _inference(tokens, sigma)
-        _mark_dynamic(rows=(tokens, sigma))
+        rows = tokens.shape[0]
+        if "scores" in self._compiled:  # "freeze": rows are a dynamic size
+            tokens, sigma = _inference(tokens, sigma)
+            _mark_dynamic(rows=(tokens, sigma))
+        else:  # a mode: static shapes, padded to the bucket with copies of the last row (rows never mix)
+            pad = (1 << (rows - 1).bit_length()) - rows
+            if pad:
+                tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
+                sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
         with _inductor_config(self._inductor):  # Inductor reads it when it compiles
-            return self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
+            found = self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
+        return found if found[0].shape[0] == rows else tuple(t[:rows] for t in found)
 
     def _trunk_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      polar: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...]:
@@ -509,7 +525,7 @@ def _compile(graph, mode: str):
 
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 64))  # two graphs per length
+    setattr(config, limit, max(getattr(config, limit), 64))  # two graphs per length, or a bucket's each
     if mode == "freeze":
-        return torch.compile(graph)
-    return torch.compile(graph, mode=mode)
+        return torch.compile(graph)  # sizes marked dynamic where they are (_mark_dynamic)
+    return torch.compile(graph, dynamic=False, mode=mode)

@@ -21,8 +21,9 @@ The speed-ups:
   caller's buffer;
 - attention goes through the flash-attn package where it is installed and the card supports it
   (`flash_attn_usable`), else PyTorch's SDPA;
-- `compile=` runs the network through `torch.compile` (Inductor): the sampler's whole call as one
-  graph, rows and masked positions as dynamic sizes.
+- `compile=` runs the network through `torch.compile`: with "freeze" (Inductor, weights frozen in) the
+  sampler's whole call is one graph, rows and masked positions dynamic sizes; with a torch.compile mode
+  the trunk, per power-of-two row bucket.
 
 Precision: the matmuls run in the dtype the weights are stored in (`SEDD.compute_dtype`: loading stores
 them once, at load); the residual stream, layer norms, rotary tables and the output's vocabulary-wide

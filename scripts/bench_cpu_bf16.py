@@ -2,7 +2,7 @@
 """The measuring run of docs/benchmarks.md "CPU, round three": servers started as `make serve` starts them,
 arms taking turns, each measured with scripts/bench_server.py against the matmul rate of its own dtype.
 
-    python scripts/bench_cpu_bf16.py                       # the four arms below, 1 round, results in docs/cpu-bf16/
+    python scripts/bench_cpu_bf16.py                       # the four arms below, 1 round, results in docs/measurements/cpu-bf16/
     python scripts/bench_cpu_bf16.py --rounds 1 --quick    # a smoke run
     python scripts/bench_cpu_bf16.py --arm bf16=. --arm fp32=.:SEDD_DTYPE=float32 --rounds 3
 
@@ -31,7 +31,7 @@ this driver also times both float32 and bfloat16 rates right after each measurem
 read against the bf16 rate. Before each arm it waits (up to --quiet-wait s) for the 1-minute load average
 to fall below --quiet-load, and records the load averages next to every number.
 
-Writes, into --out (default docs/cpu-bf16/): one JSON per measurement (bench_server's report plus the
+Writes, into --out (default docs/measurements/cpu-bf16/): one JSON per measurement (bench_server's report plus the
 driver's context), log.txt, summary.json and summary.md (printed at the end too).
 """
 from __future__ import annotations
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", action="append", default=None, help="NAME=WHERE[:VAR=VALUE...] (repeatable; "
                                                                  f"default: {' '.join(DEFAULT_ARMS)})")
     p.add_argument("--rounds", type=int, default=1, help="palindromic rounds (A B C D D C B A each; default 1)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "cpu-bf16"), help="results folder")
+    p.add_argument("--out", default=str(ROOT / "docs" / "measurements" / "cpu-bf16"), help="results folder")
     p.add_argument("--quiet-load", type=float, default=1.0, help="wait for a 1-minute load average below this")
     p.add_argument("--quiet-wait", type=float, default=300, help="longest wait for it before an arm, seconds")
     p.add_argument("--startup-timeout", type=float, default=1200, help="seconds for a server to get ready "

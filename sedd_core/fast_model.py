@@ -56,7 +56,7 @@ _flash_attn_devices: dict[torch.device, bool] = {}
 COMPILE_MODES = ("freeze", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
+FUSED_LINEAR_GELU_MIN_ROWS = 64  # positions per sequence below which oneDNN's per-call setup costs more than the GELU pass
 _FUSED_LINEAR_GELU: dict[torch.dtype, bool] = {}  # per dtype: whether oneDNN fuses Linear + GELU here
 
 
@@ -174,10 +174,13 @@ def linear_gelu(x: torch.Tensor, layer: nn.Linear, fixed_shape: bool = True) -> 
     oneDNN's matmul where available.
 
     oneDNN builds a kernel for each new number of rows (about a millisecond), so a caller whose row
-    count changes from call to call (`fixed_shape=False`) gets the plain path."""
+    count changes from call to call (`fixed_shape=False`) gets the plain path. The choice depends on the
+    sequence length (x's second-last size), never on how many sequences share the pass: the two paths
+    round differently in bf16 (the fused one once, the plain one before and after the GELU), and a row
+    must compute the same alone and in a batch."""
     dtype = layer.weight.dtype
     if (fixed_shape and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _eager()
-            and x.numel() >= FUSED_LINEAR_GELU_MIN_ROWS * x.shape[-1]):
+            and x.shape[-2] >= FUSED_LINEAR_GELU_MIN_ROWS):
         if dtype not in _FUSED_LINEAR_GELU:
             _FUSED_LINEAR_GELU[dtype] = _onednn_linear_gelu_works(dtype)
         if _FUSED_LINEAR_GELU[dtype]:

@@ -52,8 +52,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from bench_server import matmul_rate  # noqa: E402
+
+from app.openmp import WAIT_VARIABLES  # noqa: E402
 
 BEFORE_REV = "96bdb8c"  # main before issue 23 (the base of the bf16 branch)
 DEFAULT_ARMS = [f"before=@{BEFORE_REV}", "fp32=.:SEDD_DTYPE=float32:SEDD_COMPILE=0", "bf16-eager=.:SEDD_COMPILE=0", "bf16=."]
@@ -110,7 +112,7 @@ def free_port() -> int:
 
 
 def arm_environment(arm: dict) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEDD_") and k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEDD_") and k not in WAIT_VARIABLES}
     env.update(arm["env"])
     return env
 

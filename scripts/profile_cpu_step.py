@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = args.arm or ["float32", "bfloat16", "bfloat16+compile"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average {os.getloadavg()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+          + f", load average {os.getloadavg()}, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     print(f"one request: {args.rows} sample(s), {args.steps} steps, the bundled model; per step = per request / "
           f"{args.steps + 1}")

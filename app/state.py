@@ -95,7 +95,8 @@ def torch_threads(settings: Settings) -> int | None:
 
     With every core in torch's pool the event loop still keeps its heartbeats within 53 ms under 64 streaming
     clients, and what stalled passes (other processes preempting a spinning OpenMP team) is handled by
-    OMP_WAIT_POLICY=PASSIVE (app/__init__.py): docs/benchmarks.md, "CPU, round two"."""
+    the server's OpenMP wait policy (app/openmp.py: spin about 20 us, then sleep): docs/benchmarks.md,
+    "CPU, round two" and "CPU, round three"."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     if resolve_device(settings.device).type != "cpu":

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(arm, folders[arm["name"]], log)
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": sys.version.split()[0],
                "torch": _torch_version(), "commit": _commit()}
-    log(f"start: {machine}, arms {[a['name'] + '=' + a['where'] for a in arms]}, {args.rounds} rounds")
+    log(f"start: {machine}, arms {[a['name'] + '=' + a['where'] + ''.join(f':{k}={v}' for k, v in a['env'].items()) for a in arms]}, {args.rounds} rounds")
     entries = []
     for round_index in range(args.rounds):
         for turn, arm in enumerate(arms + arms[::-1]):

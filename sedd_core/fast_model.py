@@ -295,6 +295,12 @@ class FastSEDD:
         return self._compiled is not None
 
     @property
+    def dynamic_rows(self) -> bool:
+        """The compiled graphs take any number of rows ("freeze": one graph for one row, one for two or
+        more) rather than one graph per power-of-two bucket."""
+        return self._compiled is not None and "scores" in self._compiled
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype the matmuls run in: the one the weights are stored in."""
         return self.model.compute_dtype

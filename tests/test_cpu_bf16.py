@@ -4,6 +4,7 @@ The bf16 network itself is tested in test_model_fast_paths.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -60,3 +61,36 @@ def test_sedd_info_reports_this_cpus_bf16_and_the_choice(tiny_five):
     asked = info("--model", str(tiny_five), SEDD_DTYPE="float32")
     assert (asked["dtype"], asked["dtype_choice"]) == ("torch.float32", "asked")
     assert info("--model", str(tiny_five), "--dtype", "bfloat16")["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.anyio
+async def test_compile_auto_falls_back_to_eager_when_compiling_fails(app_client, tiny_five, monkeypatch):
+    """SEDD_COMPILE=auto where compiling fails (a compiler without Python headers, say): the server starts and
+    serves eagerly, and says why; compiling asked for by name still fails the start."""
+    from sedd_core.fast_model import FastSEDD
+
+    monkeypatch.setattr(loading, "cpp_compiler", lambda: "/usr/bin/g++")
+
+    def broken_warm(self, max_rows, length):
+        if self.compiled:
+            raise RuntimeError("CppCompileError: Python.h: No such file or directory")
+        return []
+
+    monkeypatch.setattr(FastSEDD, "warm", broken_warm)
+    body = {"num_samples": 2, "steps": 8, "seed": 11}
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("sedd.server").addHandler(handler)
+    try:
+        async with app_client(tiny_five, compile="auto") as client:
+            info = (await client.get("/v1/model")).json()
+            answer = await client.post("/sample", json=body)
+    finally:
+        logging.getLogger("sedd.server").removeHandler(handler)
+    assert info["compiled"] is False and answer.status_code == 200
+    assert any(m.startswith("SEDD_COMPILE=auto: compiling the network failed (RuntimeError: CppCompileError: "
+                            "Python.h") for m in warnings), warnings
+    with pytest.raises(Exception, match="could not be loaded|Python.h"):
+        async with app_client(tiny_five, compile="1", startup_timeout=30) as client:
+            pass

@@ -41,9 +41,12 @@ system-tools:
 	  fi; \
 	fi
 
-# `sedd serve` sets OMP_WAIT_POLICY=PASSIVE itself unless it is set (docs/benchmarks.md, "CPU, round two").
+# `sedd serve` sets its OpenMP wait policy itself unless one is set (app/openmp.py: GOMP_SPINCOUNT=1000).
+# SEDD_COMPILE=auto: on a CPU with a C++ compiler the network runs as one torch.compile'd graph, the fast
+# path (docs/benchmarks.md, "CPU, round three"); the server compiles for a minute or so before /health
+# answers 200. `SEDD_COMPILE=0 make serve` starts in seconds and runs eagerly.
 serve: $(VENV)/.runtime
-	$(BIN)/sedd serve --host $(HOST) --port $(PORT)
+	SEDD_COMPILE=$${SEDD_COMPILE-auto} $(BIN)/sedd serve --host $(HOST) --port $(PORT)
 
 sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate

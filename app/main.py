@@ -8,16 +8,15 @@ this package validates, routes, streams and reports.
 """
 from __future__ import annotations
 
-import os
+from app.openmp import openmp_wait_defaults
 
-# Idle OpenMP threads sleep instead of spinning. With torch's pool on every core, a spinning thread holds a
-# core that a preempted team member (or the event loop) needs; on a shared CPU a pass then waits whole
-# scheduler slices (docs/benchmarks.md, "CPU, round two"). libgomp reads it when torch loads, so it is set
-# before this module imports torch: for `uvicorn app.main:create_app`; `sedd serve` sets it itself.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads spin briefly, then sleep (app/openmp.py). The runtime reads this when torch loads, so it is
+# set before this module imports torch: for `uvicorn app.main:create_app`; `sedd serve` sets it itself.
+openmp_wait_defaults()
 
 import asyncio
 import logging
+import os
 import re
 import socket
 from contextlib import asynccontextmanager

@@ -309,7 +309,13 @@ class ModelInfo(BaseModel):
     vocab_size: int = Field(description="model states, the mask included for the absorbing graph")
     length: int = Field(description="tokens per sample at most")
     device: str
-    dtype: str
+    dtype: str = Field(description="what the matmuls run in (the weights' storage dtype)")
+    dtype_choice: str = Field("asked", description="how dtype was picked: 'asked' (SEDD_DTYPE, --dtype) or "
+                              "'auto: ...' with the reason (on a CPU: bfloat16 where it has native bf16 "
+                              "instructions, float32 elsewhere)")
+    cpu_bf16: str | None = Field(None, description="the native bf16 instruction set this CPU has (amx_bf16, "
+                                 "avx512_bf16), or null")
+    compiled: bool = Field(False, description="the network's trunk runs through torch.compile (SEDD_COMPILE)")
     parameters: int
     graph: str
     noise: str

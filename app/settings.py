@@ -41,8 +41,10 @@ class ModelSettings(BaseSettings):
 
     model: str = Field("default", description="model source: a folder, 'default', 'oxen:NS/REPO' or 'hf:REPO'")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str | None = Field(None, description="float32, bfloat16 or float16; unset = bf16 on CUDA, fp32 on CPU")
+    dtype: str | None = Field(None, description="float32, bfloat16 or float16; unset or auto = bf16 on CUDA and on "
+                              "CPUs with native bf16 (AVX512-BF16, AMX), float32 on other CPUs")
     compile: str | None = Field(None, description="torch.compile the network: 1 (Inductor, weights frozen in), "
+                                "auto (that on a CPU with a C++ compiler, else eager; `make serve` sets it), "
                                 "or a torch.compile mode such as reduce-overhead; unset or 0 = eager")
     allow_pickle: bool = Field(False, description="let checkpoints that need full unpickling load (runs code from "
                                "the file: only for files you trust)")

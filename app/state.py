@@ -25,6 +25,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from sedd_core import LoadedModel, load
 from sedd_core.engine import Engine
+from sedd_core.fast_model import FastSEDD
 from sedd_core.generation import generate
 from sedd_core.loading import resolve_device
 
@@ -95,7 +96,8 @@ def torch_threads(settings: Settings) -> int | None:
 
     With every core in torch's pool the event loop still keeps its heartbeats within 53 ms under 64 streaming
     clients, and what stalled passes (other processes preempting a spinning OpenMP team) is handled by
-    OMP_WAIT_POLICY=PASSIVE (app/__init__.py): docs/benchmarks.md, "CPU, round two"."""
+    the server's OpenMP wait policy (app/openmp.py: spin about 20 us, then sleep): docs/benchmarks.md,
+    "CPU, round two" and "CPU, round three"."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     if resolve_device(settings.device).type != "cpu":
@@ -123,9 +125,26 @@ def _load_and_warm(settings: Settings) -> LoadedModel:
         start = time.perf_counter()
         generate(lm, num_samples=1, steps=1, seed=0)  # one predictor step and the final denoise
         log.info("warm-up generation took %.2f s", time.perf_counter() - start)
-        for bucket, seconds in lm.runner.warm(settings.max_rows, lm.length):  # SEDD_COMPILE
-            log.info("compiled trunk ready for %d rows x %d positions (%.1f s)", bucket, lm.length, seconds)
+        _compile_up_front(lm, settings)
     return lm
+
+
+def _compile_up_front(lm: LoadedModel, settings: Settings) -> None:
+    """SEDD_COMPILE's graphs, compiled before /health answers 200. With `auto` a compilation that fails (a
+    compiler without the Python headers, say) leaves the server running eagerly, with a warning; a
+    compilation asked for by name fails the start."""
+    try:
+        timings = lm.runner.warm(settings.max_rows, lm.length)
+    except Exception as exc:  # noqa: BLE001 - whatever Inductor or the C++ compiler raised
+        if settings.compile != "auto":
+            raise
+        log.warning("SEDD_COMPILE=auto: compiling the network failed (%s: %s); running it eagerly",
+                    exc.__class__.__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        lm.runner = FastSEDD(lm.model)
+        return
+    for rows, seconds in timings:
+        what = ("one row" if rows == 1 else "two rows or more") if lm.runner.dynamic_rows else f"{rows} rows"
+        log.info("compiled the network for %s x %d positions (%.1f s)", what, lm.length, seconds)
 
 
 async def start(state: ServerState) -> None:

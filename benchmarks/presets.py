@@ -8,7 +8,7 @@ import torch
 
 from sedd_core.config import SEDDConfig
 from sedd_core.graph import graph_from_config
-from sedd_core.loading import LoadedModel
+from sedd_core.loading import LoadedModel, to_precision
 from sedd_core.model import SEDD
 from sedd_core.noise import noise_from_config
 from sedd_core.tokenizers import CharTokenizer
@@ -68,10 +68,7 @@ def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, seed: i
     torch.manual_seed(seed)
     with torch.device(device):
         model = SEDD(config)
-    inv_freq = model.rotary_emb.inv_freq.float().clone()
-    model.to(dtype=dtype)
-    model.rotary_emb.inv_freq = inv_freq  # rotary tables stay float32, as loading.build_model keeps them
-    model.eval()
+    to_precision(model, device, dtype).eval()  # stored as loading stores a checkpoint's weights
     tokenizer = CharTokenizer() if config.tokens == CHAR_TOKENS else _IdTokenizer(config.tokens)
     return LoadedModel(model=model, graph=graph_from_config(config), noise=noise_from_config(config),
                        tokenizer=tokenizer, config=config, device=device, dtype=dtype, path=Path(f"<{name}>"),

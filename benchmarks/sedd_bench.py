@@ -3,8 +3,9 @@
 What it measures, all in one run on the same weights (a real model folder with --model, else a
 synthetic model with random weights of a named --preset shape):
 
-1. one request (1 sample) at --steps and --length: our generation path (`make_job` + `denoising_step`)
-   against a naive loop that does what the authors' `pc_sampler` does: the full network output, the
+1. one request (1 sample) at --steps and --length: our generation path (`make_job` + `denoising_step`),
+   in float32 and, on a CPU with native bf16 instructions, in bfloat16 too (without --dtype), against a
+   naive loop that does what the authors' `pc_sampler` does: the full network output, the
    vocabulary-wide graph formulas (graph.py) at every position of every step, sampled with the authors'
    `sample_categorical`, one request at a time, analytic predictor, final denoise. The naive loop runs
    the authors' network code (`authors_forward`, the structure of their model/transformer.py) on our
@@ -62,8 +63,12 @@ def run_ours(lm: LoadedModel, rows: int, steps: int, length: int, seed: int = 0,
 
 
 def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, naive_steps: int | None,
-                      baselines: tuple[str, ...], log: Callable[[str], None]) -> dict[str, Any]:
+                      baselines: tuple[str, ...], log: Callable[[str], None],
+                      others: dict[str, LoadedModel] | None = None) -> dict[str, Any]:
+    """`others`: the same weights in other dtypes (name -> model), whose run of our path takes its turn in
+    every repeat beside `lm`'s; the naive baselines run on `lm`."""
     device = lm.device
+    others = others or {}
     naive_run_steps = steps if naive_steps is None else min(naive_steps, steps)
     scale = 1.0 if naive_run_steps >= steps else (steps + 1) / max(naive_run_steps, 1)
     networks = {"authors": authors_forward, "loop": lambda model, x, sigma: lm.runner(x, sigma)}  # loop: our network
@@ -74,12 +79,18 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
         return lambda: naive_generate(lm.model, lm.graph, lm.noise, 1, length, steps, gen, network, max_steps)
 
     # warm up every path once (allocator, oneDNN primitives, cuBLAS handles)
-    run_ours(lm, 1, min(steps, 2), length)
+    for model in (lm, *others.values()):
+        run_ours(model, 1, min(steps, 2), length)
     for name in baselines:
         naive_generate(lm.model, lm.graph, lm.noise, 1, length, 2, None, networks[name], 1)
-    times: dict[str, list[float]] = {"ours": [], **{name: [] for name in baselines}}
+    ours_names = {f"ours_{name}": model for name, model in others.items()}
+    times: dict[str, list[float]] = {"ours": [], **{name: [] for name in ours_names},
+                                     **{name: [] for name in baselines}}
     for r in range(repeats):  # interleaved, so that load from other processes hits all paths alike
         times["ours"].append(timed(lambda seed=r: run_ours(lm, 1, steps, length, seed=seed), device)[0])
+        for name, model in ours_names.items():
+            times[name].append(timed(lambda seed=r, model=model: run_ours(model, 1, steps, length, seed=seed),
+                                     device)[0])
         for name in baselines:
             times[name].append(timed(naive(networks[name]), device)[0] * scale)
         log(f"  one request, repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
@@ -92,12 +103,38 @@ def bench_one_request(lm: LoadedModel, steps: int, length: int, repeats: int, na
         # each repeat runs ours and the baseline back to back: the median of those ratios resists load drift
         result[f"speedup_{name}_paired"] = statistics.median(
             theirs / ours for theirs, ours in zip(times[name], times["ours"]))
+    # our path in each dtype: the same entries, with the naive loop (in lm's dtype) as the yardstick
+    result["by_dtype"] = {}
+    for name, key in ((_dtype_name(lm.dtype), "ours"), *((name, f"ours_{name}") for name in others)):
+        entry = {"ours_s": stats(times[key])}
+        for baseline in baselines:
+            entry[f"speedup_{baseline}_paired"] = statistics.median(
+                theirs / ours for theirs, ours in zip(times[baseline], times[key]))
+        entry["paired_vs_first_dtype"] = statistics.median(
+            first / ours for first, ours in zip(times["ours"], times[key]))
+        result["by_dtype"][name] = entry
     result["naive_steps_run"] = naive_run_steps
     result["naive_extrapolated"] = scale != 1.0
     if scale != 1.0:
         result["naive_note"] = (f"naive ran {naive_run_steps} of {steps} predictor steps; its time is scaled by "
                                 f"(steps + 1) / {naive_run_steps} (every naive step costs the same)")
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def bench_dtypes(dtype: str | None, device: torch.device) -> list[torch.dtype]:
+    """The dtypes to time our path in: `dtype` alone when given; else float32 first (every section runs in
+    it, as before) and, where `auto` picks another dtype on this device (bfloat16 on a CPU with native
+    bf16 instructions), that one beside it in the one-request section; on CUDA the auto dtype alone."""
+    if dtype is not None:
+        return [resolve_dtype(dtype, device)]
+    auto = resolve_dtype(None, device)
+    if device.type == "cuda" or auto == torch.float32:
+        return [auto]
+    return [torch.float32, auto]
 
 
 def bench_rows(lm: LoadedModel, rows_list: list[int], steps: int, length: int, repeats: int,
@@ -186,19 +223,24 @@ def run_bench(args, load_options: dict[str, Any] | None = None) -> dict[str, Any
 def _run_bench(args, load_options: dict[str, Any]) -> dict[str, Any]:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, *other_dtypes = bench_dtypes(args.dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model:
-        lm = load(args.model, device=device, dtype=dtype, **load_options)
-        name = lm.name
-    else:
-        if args.preset not in PRESETS:
-            raise ValueError(f"unknown preset {args.preset!r}; use one of {', '.join(PRESETS)}")
-        lm = synthetic_model(args.preset, device, dtype, seed=args.seed, length=None)
-        name = args.preset
-    if args.compile:
-        lm.runner = FastSEDD(lm.model, compile="freeze")
+    if not args.model and args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; use one of {', '.join(PRESETS)}")
+
+    def model_in(kind: torch.dtype) -> LoadedModel:
+        if args.model:
+            found = load(args.model, device=device, dtype=kind, **load_options)
+        else:
+            found = synthetic_model(args.preset, device, kind, seed=args.seed, length=None)
+        if args.compile:
+            found.runner = FastSEDD(found.model, compile="freeze")
+        return found
+
+    lm = model_in(dtype)
+    name = lm.name if args.model else args.preset
+    others = {_dtype_name(kind): model_in(kind) for kind in other_dtypes}
     length = args.length or lm.length
     if not 1 <= length <= lm.length:
         raise SystemExit(f"sedd bench: --length must be between 1 and {lm.length}")
@@ -214,7 +256,7 @@ def _run_bench(args, load_options: dict[str, Any]) -> dict[str, Any]:
                   "hidden_size": m.hidden_size, "cond_dim": m.cond_dim, "n_blocks": m.n_blocks,
                   "n_heads": m.n_heads, "length": m.length},
         "steps": args.steps, "length": length, "predictor": "analytic", "repeats": args.repeats,
-        "compile": bool(args.compile),
+        "compile": bool(args.compile), "request_dtypes": [_dtype_name(dtype), *others],
         "memory_method": memory_method(device),
         "flop_counting": ("analytic: 2 x matmul weights per token (qkv, attn_out, mlp), attention 4 x L x H per "
                           "token per block, per-row conditioning matmuls once per row, output layer 2 x H x V "
@@ -231,7 +273,7 @@ def _run_bench(args, load_options: dict[str, Any]) -> dict[str, Any]:
     if "request" in sections:
         log(f"one request: ours vs naive ({', '.join(baselines)}), {args.steps} steps, length {length}...")
         report["one_request"] = bench_one_request(lm, args.steps, length, args.repeats, args.naive_steps,
-                                                  baselines, log)
+                                                  baselines, log, others)
     if "rows" in sections:
         log("samples/s against rows per pass...")
         report["rows"] = bench_rows(lm, rows_list, args.steps, length, args.repeats, peak, log)
@@ -277,7 +319,12 @@ def print_table(report: dict[str, Any], out=None) -> None:
     req = report.get("one_request")
     if req:
         print("\none request (1 sample)        min s    median s   speedup (median / min / paired)", file=out)
-        print(f"  ours                     {req['ours_s']['min']:8.3f}  {req['ours_s']['median']:9.3f}", file=out)
+        for kind, entry in req.get("by_dtype", {report["dtype"]: {"ours_s": req["ours_s"]}}).items():
+            paired = "   ".join(f"{entry[key]:.2f}x paired over {label}" for key, label in (
+                ("speedup_authors_paired", "naive"), ("paired_vs_first_dtype", report["dtype"]))
+                if key in entry and not (key == "paired_vs_first_dtype" and kind == report["dtype"]))
+            print(f"  {'ours, ' + kind:<24} {entry['ours_s']['min']:8.3f}  {entry['ours_s']['median']:9.3f}   {paired}",
+                  file=out)
         for key, label, name in (("naive_s", "naive (authors' loop)", "authors"),
                                  ("naive_our_network_s", "naive loop, our network", "loop")):
             if key in req:

@@ -11,14 +11,19 @@ Each client loops: one request (POST /sample, or /infill with --prefix/--suffix)
 it prints requests/s, samples/s, p50/p95 latency, p50 time to first event, rows per model pass (from
 /metrics, when readable) and samples/s relative to one client.
 
-With --matmul-rate it also times this machine's float32 matmul rate in this process, before the first
-level and after the last (20 back-to-back 1024 x 1024 products timed together: their average, not a best
-sample), and reports each level's end-to-end rate as a fraction of it. The level's FLOPs are those of the
-full network at every position (as `sedd bench` counts the naive loop: benchmarks.measure.FlopCount,
-trunk plus output layer) per predictor step, times steps, times samples finished; the final denoise
-pass is not counted. --model names the server's model for that count (default: the bundled one).
+With --matmul-rate it also times this machine's matmul rate in this process, before the first level and
+after the last (20 back-to-back 1024 x 1024 products timed together: their average, not a best sample),
+in the dtype the server computes in (its GET /v1/model; or the dtype given: --matmul-rate bfloat16), and
+reports each level's end-to-end rate as a fraction of it. The level's FLOPs are those of the full network
+at every position (as `sedd bench` counts the naive loop: benchmarks.measure.FlopCount, trunk plus output
+layer) per predictor step, times steps, times samples finished; the final denoise pass is not counted.
+Each level also gets `latency_over_matmul_time`: its median latency over the time one request's network
+FLOPs take at that rate (1.0 would be a request that is nothing but matmuls at the square product's
+speed). --model names the server's model for that count (default: the bundled one).
 
     python scripts/bench_server.py http://127.0.0.1:8000 --mode json --concurrency 8 --steps 64 --matmul-rate
+    python scripts/bench_server.py http://127.0.0.1:8000 --mode json --concurrency 1 --requests-per-client 7 \
+        --matmul-rate bfloat16
 """
 from __future__ import annotations
 
@@ -179,11 +184,16 @@ async def warm_up(args) -> None:
         await run_level(warm, 1)
 
 
-def matmul_rate(size: int = 1024, count: int = 20) -> float:
-    """GFLOP/s of `count` back-to-back `size` x `size` float32 matmuls timed together (after one untimed)."""
+MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def matmul_rate(size: int = 1024, count: int = 20, dtype: str = "float32") -> float:
+    """GFLOP/s of `count` back-to-back `size` x `size` matmuls in `dtype` timed together (after one untimed)."""
     import torch
 
-    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(size, size).to(kind), torch.randn(size, size).to(kind)
+    out = torch.empty(size, size, dtype=kind)
     torch.matmul(a, b, out=out)
     start = time.perf_counter()
     for _ in range(count):
@@ -203,6 +213,18 @@ def flops_per_sample_step(model: str, length: int | None) -> tuple[float, int]:
     return count.trunk(1, length) + count.output(length), length
 
 
+def server_dtype(args) -> str:
+    """The dtype the server computes in, from its GET /v1/model."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    response = httpx.get(args.url.rstrip("/") + "/v1/model", headers=headers, timeout=30)
+    response.raise_for_status()
+    dtype = response.json()["dtype"]
+    if dtype not in MATMUL_DTYPES:
+        raise SystemExit(f"bench_server: the server reports dtype {dtype!r}; give --matmul-rate one of "
+                         f"{', '.join(MATMUL_DTYPES)}")
+    return dtype
+
+
 def print_table(rows: list[dict], args) -> None:
     print(f"# {args.url}  mode={args.mode} steps={args.steps} length={args.length or 'model'} "
           f"num_samples={args.num_samples} stream_every={args.stream_every if args.mode == 'stream' else '-'}")
@@ -218,9 +240,12 @@ def print_table(rows: list[dict], args) -> None:
             cells += [_fmt(row["gflops"], 1), f"{row['matmul_fraction']:.0%}" if row["matmul_fraction"] else "-"]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.matmul_rate:
-        print(f"matmul rate (20 x 1024^3 float32, GFLOP/s): before {args.matmul_before:.1f}, after "
-              f"{args.matmul_after:.1f}; fractions use their mean. Load average before {args.load_before}, "
-              f"after {args.load_after}")
+        print(f"matmul rate (20 x 1024^3 {args.matmul_rate}, GFLOP/s): before {args.matmul_before:.1f}, after "
+              f"{args.matmul_after:.1f}; fractions use their mean. Median latency over the time one request's "
+              f"network FLOPs take at that rate: "
+              + ", ".join(f"{row['concurrency']} clients {row['latency_over_matmul_time']:.2f}x" for row in rows
+                          if row.get("latency_over_matmul_time")) + "."
+              f" Load average before {args.load_before}, after {args.load_after}")
     for row in rows:
         for message in row["error_messages"]:
             print(f"  {row['concurrency']} clients: {message}", file=sys.stderr)
@@ -247,9 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="requests before the first level (default 2)")
     p.add_argument("--api-key", default=None, help="bearer token, if the server has SEDD_API_KEY")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as failed")
-    p.add_argument("--matmul-rate", "--flops", action="store_true",
-                   help="time the float32 matmul rate here before and after the load and report each level's "
-                        "full-network FLOP/s as a fraction of it")
+    p.add_argument("--matmul-rate", "--flops", nargs="?", const="server", default=None,
+                   choices=("server", *MATMUL_DTYPES), metavar="DTYPE",
+                   help="time the matmul rate here before and after the load, in DTYPE (default: the server's, "
+                        "from GET /v1/model), and report each level's full-network FLOP/s as a fraction of it")
     p.add_argument("--model", default="default", help="with --matmul-rate: the server's model, for the FLOP count")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
@@ -259,7 +285,7 @@ async def main_async(args) -> list[dict]:
     await warm_up(args)
     args.load_before = os.getloadavg()
     if args.matmul_rate:
-        args.matmul_before = matmul_rate()
+        args.matmul_before = matmul_rate(dtype=args.matmul_rate)
     rows, base = [], None
     for concurrency in [int(c) for c in args.concurrency.split(",") if c.strip()]:
         level = await run_level(args, concurrency)
@@ -269,10 +295,14 @@ async def main_async(args) -> list[dict]:
         if not args.json:
             print(f"  {concurrency:>3} clients: {level.samples_per_s:.2f} samples/s", file=sys.stderr)
     if args.matmul_rate:
-        args.matmul_after = matmul_rate()
+        args.matmul_after = matmul_rate(dtype=args.matmul_rate)
         rate = (args.matmul_before + args.matmul_after) / 2
+        matmul_s = args.num_samples * args.steps * args.flops_per_sample_step / (rate * 1e9)
         for row in rows:
             row["matmul_fraction"] = round(row["gflops"] / rate, 3) if row["gflops"] else None
+            row["matmul_time_per_request_s"] = round(matmul_s, 4)
+            row["latency_over_matmul_time"] = (round(row["latency_p50_s"] / matmul_s, 2)
+                                               if row["latency_p50_s"] else None)
     args.load_after = os.getloadavg()
     return rows
 
@@ -281,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.flops_per_sample_step = None
     if args.matmul_rate:
+        if args.matmul_rate == "server":
+            args.matmul_rate = server_dtype(args)
         args.flops_per_sample_step, counted_length = flops_per_sample_step(args.model, args.length)
     rows = asyncio.run(main_async(args))
     if args.json:
@@ -288,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                   "num_samples": args.num_samples, "stream_every": args.stream_every,
                   "load_average": {"before": args.load_before, "after": args.load_after}, "levels": rows}
         if args.matmul_rate:
-            report["matmul_rate"] = {"size": 1024, "count": 20, "before_gflops": round(args.matmul_before, 2),
+            report["matmul_rate"] = {"size": 1024, "count": 20, "dtype": args.matmul_rate,
+                                     "before_gflops": round(args.matmul_before, 2),
                                      "after_gflops": round(args.matmul_after, 2),
                                      "flops_per_sample_step": args.flops_per_sample_step,
                                      "length_counted": counted_length}

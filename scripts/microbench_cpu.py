@@ -139,7 +139,7 @@ def last_block(args) -> None:
     with torch.inference_mode():
         hidden = torch.randn(1, lm.length, lm.config.model.hidden_size)
         c = F.silu(lm.model.sigma_map(sigma))
-        rotary = (*lm.model.rotary_emb(lm.length, CPU), model._polar_table(lm.length, CPU))
+        rotary = model._rotary_tables(lm.length, CPU)
 
         def at_eight():
             mod, attended = block.attention_half(hidden, rotary, c)
@@ -204,10 +204,10 @@ def compile_trunk(args) -> None:
     sigma = torch.full((args.rows,), 0.7)
     with torch.inference_mode():
         start = time.perf_counter()
-        compiled.runner._head(x, sigma)
+        compiled.runner.trunk(x, sigma)
         print(f"  compiled {args.rows} rows in {time.perf_counter() - start:.1f} s")
-        show(interleaved({"eager trunk": lambda: eager.runner._head(x, sigma),
-                          "compiled trunk (freezing)": lambda: compiled.runner._head(x, sigma)},
+        show(interleaved({"eager trunk": lambda: eager.runner.trunk(x, sigma),
+                          "compiled trunk (freezing)": lambda: compiled.runner.trunk(x, sigma)},
                          max(10, args.repeats * 20 // args.rows)))
 
 

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shape of the synthetic model (default char-default, the shipped model's shape)")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: $SEDD_DEVICE, else auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: $SEDD_DTYPE, else bf16 on "
-                                                  "CUDA, fp32 on CPU)")
+                                                  "CUDA and on CPUs with native bf16, fp32 on other CPUs)")
     p.add_argument("--steps", type=int, default=128, help="denoising steps (default 128)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
     p.add_argument("--rows", default="1,2,4,8,16,32", help="rows per pass to try (default 1,2,4,8,16,32)")

@@ -103,17 +103,21 @@ def cmd_infill(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from sedd_core.loading import cpu_bf16_support
+
     lm = load_model(args)
     info = {
         "source": lm.source, "folder": str(lm.path.resolve()), "layout": lm.layout, "name": lm.name,
         "config": lm.config.to_dict(), "tokenizer": lm.tokenizer.name, "vocab_size": lm.config.vocab_size,
         "length": lm.length, "parameters": lm.parameters, "device": str(lm.device), "dtype": str(lm.dtype),
+        "dtype_choice": lm.dtype_choice, "cpu_bf16": cpu_bf16_support() if lm.device.type == "cpu" else None,
+        "compiled": getattr(lm.runner, "compiled", False),
     }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:>11}: {value}")
+            print(f"{key:>12}: {value}")
     return 0
 
 

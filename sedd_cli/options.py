@@ -13,7 +13,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                                   "(default: $SEDD_MODEL or the shipped character model)")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: $SEDD_DEVICE, else auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: $SEDD_DTYPE, else bf16 "
-                                                  "on CUDA, fp32 on CPU)")
+                                                  "on CUDA and on CPUs with native bf16, fp32 on other CPUs)")
 
 
 def flags_given(args: argparse.Namespace, names=MODEL_FLAGS) -> dict:

@@ -1,21 +1,21 @@
 """`sedd serve`: the HTTP server (app/) under uvicorn, or as Ray Serve replicas with --ray."""
 from __future__ import annotations
 
-import os
-
 from .errors import UsageError, require
 from .options import add_model_args, flags_given
 
 
-def quiet_idle_threads() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user set it: idle OpenMP threads sleep instead of spinning
-    (docs/benchmarks.md, "CPU, round two"). libgomp reads it when torch loads: `sedd` imports no torch
-    before a command runs, and this is the first thing `sedd serve` does."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def wait_briefly_then_sleep() -> None:
+    """The server's OpenMP wait policy (app/openmp.py: spin about 20 us, then sleep) unless the user set one.
+    The runtime reads it when torch loads: `sedd` imports no torch before a command runs, and this is the
+    first thing `sedd serve` does."""
+    from app.openmp import openmp_wait_defaults
+
+    openmp_wait_defaults()
 
 
 def cmd_serve(args) -> int:
-    quiet_idle_threads()
+    wait_briefly_then_sleep()
     if args.ray:
         return serve_with_ray(args)
     if args.replicas is not None:

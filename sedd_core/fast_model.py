@@ -21,11 +21,18 @@ The speed-ups:
   caller's buffer;
 - attention goes through the flash-attn package where it is installed and the card supports it
   (`flash_attn_usable`), else PyTorch's SDPA;
-- `compile=` runs the embedding and blocks through `torch.compile`, one static graph per
-  power-of-two row bucket.
+- `compile=` runs the network through `torch.compile`: with "freeze" (Inductor, weights frozen in) the
+  sampler's whole call is one graph, rows and masked positions dynamic sizes; with a torch.compile mode
+  the trunk, per power-of-two row bucket.
+
+Precision: the matmuls run in the dtype the weights are stored in (`SEDD.compute_dtype`: loading stores
+them once, at load); the residual stream, layer norms, rotary tables and the output's vocabulary-wide
+maths stay float32, as in the authors' mixed-precision code. Activations are cast to the weights' dtype
+where a matmul reads them (explicitly, no autocast), so no pass casts a weight.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -34,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .model import SEDD, DDiTBlock, LayerNorm, no_autocast
+from .model import SEDD, DDiTBlock, LayerNorm
 
 try:  # optional CUDA kernel; PyTorch SDPA is the fallback everywhere else
     from flash_attn.flash_attn_interface import flash_attn_func
@@ -49,8 +56,8 @@ _flash_attn_devices: dict[torch.device, bool] = {}
 COMPILE_MODES = ("freeze", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-FUSED_LINEAR_GELU_MIN_ROWS = 64  # below this oneDNN's per-call setup costs more than the GELU pass
-_FUSED_LINEAR_GELU: bool | None = None
+FUSED_LINEAR_GELU_MIN_ROWS = 64  # positions per sequence below which oneDNN's per-call setup costs more than the GELU pass
+_FUSED_LINEAR_GELU: dict[torch.dtype, bool] = {}  # per dtype: whether oneDNN fuses Linear + GELU here
 
 
 def flash_attn_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,32 +91,37 @@ def modulated_norm(norm: LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale:
     """modulate(norm(x), shift, scale) in float32. shift, scale broadcast against x (..., H).
 
     When they hold one row (all rows share a sigma) the whole thing is one affine layer norm
-    with weight * (1 + scale) and bias shift; otherwise a plain norm and one addcmul."""
-    with no_autocast(x.device):
-        weight = norm.weight.float()
-        gain = torch.addcmul(weight, weight, scale.float())  # weight * (1 + scale), one op
-        if shift.numel() == norm.dim:
-            return F.layer_norm(x.float(), [norm.dim], gain.reshape(norm.dim), shift.float().reshape(norm.dim))
-        return torch.addcmul(shift.float(), F.layer_norm(x.float(), [norm.dim]), gain)
+    with weight * (1 + scale) and bias shift; otherwise a plain norm and one addcmul. The norm's
+    weight is float32 in every dtype (loading.to_precision)."""
+    weight = norm.weight.float()
+    gain = torch.addcmul(weight, weight, scale.float())  # weight * (1 + scale), one op
+    if shift.numel() == norm.dim:
+        return F.layer_norm(x.float(), [norm.dim], gain.reshape(norm.dim), shift.float().reshape(norm.dim))
+    return torch.addcmul(shift.float(), F.layer_norm(x.float(), [norm.dim]), gain)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in the weights' dtype: x is cast to it first (a no-op in float32)."""
+    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
 
 
 def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k of qkv (B, L, 3, h, d) rotated: (B, L, h, d) each; cos and sin are (L, d/2).
+    """q and k of qkv (B, L, 3, h, d) rotated: (B, L, h, d) each; cos and sin are (L, d/2), in qkv's
+    dtype (the authors rotate in it).
 
     With x = [x1, x2] (halves), `model.apply_rotary` is [x1 c - x2 s, x2 c + x1 s]; outside a
     torch.compile trace that is written straight into one buffer."""
-    with no_autocast(qkv.device):
-        qk = qkv[:, :, :2]  # (B, L, 2, h, d), a view
-        x1, x2 = qk.chunk(2, dim=-1)
-        c = cos.to(qk.dtype)[:, None, None, :]  # (L, 1, 1, d/2)
-        s = sin.to(qk.dtype)[:, None, None, :]
-        if _eager():
-            rotated = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
-            out1, out2 = rotated.chunk(2, dim=-1)
-            torch.mul(x1, c, out=out1).addcmul_(x2, s, value=-1)
-            torch.mul(x2, c, out=out2).addcmul_(x1, s)
-        else:
-            rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    qk = qkv[:, :, :2]  # (B, L, 2, h, d), a view
+    x1, x2 = qk.chunk(2, dim=-1)
+    c = cos.to(qk.dtype)[:, None, None, :]  # (L, 1, 1, d/2)
+    s = sin.to(qk.dtype)[:, None, None, :]
+    if _eager():
+        rotated = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+        out1, out2 = rotated.chunk(2, dim=-1)
+        torch.mul(x1, c, out=out1).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=out2).addcmul_(x1, s)
+    else:
+        rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return rotated[:, :, 0], rotated[:, :, 1]
 
 
@@ -144,31 +156,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
 
-def _onednn_linear_gelu_works() -> bool:
-    """Whether this PyTorch build fuses Linear + tanh-GELU in one oneDNN matmul on the CPU (checked once)."""
+def _onednn_linear_gelu_works(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build fuses Linear + tanh-GELU in one oneDNN matmul on the CPU in `dtype`
+    (checked once per dtype)."""
     try:
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        x, w, b = (t.to(dtype) for t in (torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)))
         fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
-        return torch.allclose(fused, F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        return fused.dtype == dtype and torch.allclose(fused.float(), F.gelu(F.linear(x, w, b), approximate="tanh")
+                                                       .float(), atol=tolerance, rtol=tolerance)
     except Exception:
         return False
 
 
-def linear_gelu(x: torch.Tensor, linear: nn.Linear, fixed_shape: bool = True) -> torch.Tensor:
-    """gelu_tanh(linear(x)); on a CPU in float32 the GELU runs inside oneDNN's matmul where available.
+def linear_gelu(x: torch.Tensor, layer: nn.Linear, fixed_shape: bool = True) -> torch.Tensor:
+    """gelu_tanh(layer(x)) in the weights' dtype; on a CPU (float32 or bfloat16) the GELU runs inside
+    oneDNN's matmul where available.
 
     oneDNN builds a kernel for each new number of rows (about a millisecond), so a caller whose row
-    count changes from call to call (`fixed_shape=False`) gets the plain path."""
-    global _FUSED_LINEAR_GELU
-    if (fixed_shape and x.device.type == "cpu" and x.dtype == torch.float32 == linear.weight.dtype and _eager()
-            and x.numel() >= FUSED_LINEAR_GELU_MIN_ROWS * x.shape[-1]):
-        if _FUSED_LINEAR_GELU is None:
-            _FUSED_LINEAR_GELU = _onednn_linear_gelu_works()
-        if _FUSED_LINEAR_GELU:
-            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias,
+    count changes from call to call (`fixed_shape=False`) gets the plain path. The choice depends on the
+    sequence length (x's second-last size), never on how many sequences share the pass: the two paths
+    round differently in bf16 (the fused one once, the plain one before and after the GELU), and a row
+    must compute the same alone and in a batch."""
+    dtype = layer.weight.dtype
+    if (fixed_shape and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _eager()
+            and x.shape[-2] >= FUSED_LINEAR_GELU_MIN_ROWS):
+        if dtype not in _FUSED_LINEAR_GELU:
+            _FUSED_LINEAR_GELU[dtype] = _onednn_linear_gelu_works(dtype)
+        if _FUSED_LINEAR_GELU[dtype]:
+            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype), layer.weight, layer.bias,
                                                       "gelu", [], "tanh")
             return flat.view(*x.shape[:-1], -1)
-    return F.gelu(linear(x), approximate="tanh")
+    return F.gelu(linear(layer, x), approximate="tanh")
 
 
 class FastBlock:
@@ -181,8 +200,8 @@ class FastBlock:
         self._interleaved_qkv: tuple | None = None  # (contents key, weight copy): _pair_interleaved_qkv_weight
 
     def __call__(self, x: torch.Tensor, rotary: tuple, c: torch.Tensor, mod: torch.Tensor | None = None):
-        """x (B, L, H) float32; rotary (cos, sin, polar or None); c (B, cond), or (1, cond) when every
-        row shares one sigma; mod as in `attention_half`. -> (B, L, H)"""
+        """x (B, L, H) float32; rotary (cos, sin, polar or None), cos and sin in the weights' dtype; c
+        (B, cond), or (1, cond) when every row shares one sigma; mod as in `attention_half`. -> (B, L, H)"""
         mod, attended = self.attention_half(x, rotary, c, mod)
         return self.position_half(x, attended, mod)
 
@@ -191,17 +210,17 @@ class FastBlock:
         """(modulation (B or 1, 1, 6H), attention output before its projection (B, L, H)).
         `mod`, when given, is this block's adaLN_modulation(c), already computed (stacked modulation)."""
         block = self.block
-        mod = (block.adaLN_modulation(c) if mod is None else mod)[:, None]
+        mod = (linear(block.adaLN_modulation, c) if mod is None else mod)[:, None]
         shift_msa, scale_msa = mod[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
-        h = modulated_norm(block.norm1, x, shift_msa, scale_msa)  # (B, L, H)
-        if h.device.type == "cpu" and h.dtype == torch.float32 == block.attn_qkv.weight.dtype and _eager():
+        h = modulated_norm(block.norm1, x, shift_msa, scale_msa)  # (B, L, H) float32
+        if h.device.type == "cpu" and block.attn_qkv.weight.dtype == torch.float32 and _eager():
             qkv = F.linear(h, self._pair_interleaved_qkv_weight())
             qkv = rearrange(qkv, "b l (three h d) -> b l three h d", three=3, h=block.n_heads)
             q, k = rotary_qk_interleaved(qkv, rotary[2])
         else:
-            qkv = rearrange(block.attn_qkv(h), "b l (three h d) -> b l three h d", three=3, h=block.n_heads)
+            qkv = rearrange(linear(block.attn_qkv, h), "b l (three h d) -> b l three h d", three=3, h=block.n_heads)
             q, k = rotary_qk(qkv, rotary[0], rotary[1])
-        return mod, attend(q, k, qkv[:, :, 2])  # (B, L, H)
+        return mod, attend(q, k, qkv[:, :, 2])  # (B, L, H) in the weights' dtype
 
     def position_half(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor,
                       fixed_shape: bool = True) -> torch.Tensor:
@@ -209,9 +228,9 @@ class FastBlock:
         broadcasting against them."""
         block = self.block
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = torch.addcmul(x, gate_msa, block.attn_out(attended))  # x + gate * out
+        x = torch.addcmul(x, gate_msa, linear(block.attn_out, attended))  # x + gate * out, float32
         h = modulated_norm(block.norm2, x, shift_mlp, scale_mlp)
-        return torch.addcmul(x, gate_mlp, block.mlp[2](linear_gelu(h, block.mlp[0], fixed_shape)))
+        return torch.addcmul(x, gate_mlp, linear(block.mlp[2], linear_gelu(h, block.mlp[0], fixed_shape)))
 
     def at_positions(self, x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor, index: torch.Tensor,
                      row_of: torch.Tensor) -> torch.Tensor:
@@ -241,38 +260,60 @@ class FastSEDD:
 
     `compile`: None (eager), "freeze" (torch.compile with Inductor freezing: the weights become
     constants, prepacked for the CPU's matmul kernels) or a torch.compile mode such as
-    "reduce-overhead" (CUDA graphs on a GPU). The embedding and every block but the last block's
-    position-by-position half are compiled, one static graph per power-of-two bucket of rows and per
-    length: a batch is padded up to its bucket, so a server sees at most log2(max_rows) + 1
-    compilations per length (`warm` does them up front). If the weights change after compiling, the
-    trunk runs eagerly again with a warning rather than with stale constants."""
+    "reduce-overhead" (CUDA graphs on a GPU).
+    - "freeze": `log_score_at_index` is one graph (trunk, the last block at the positions asked for, the
+      output layer, sigma's offset) whose numbers of rows and of positions are dynamic sizes, so that two
+      compilations per length serve every batch: one row, and two or more. `__call__` compiles its trunk
+      the same way.
+    - the modes: the trunk only (the rest depends on how many positions are masked), one static graph
+      per power-of-two bucket of rows and per length, a batch padded up to its bucket (CUDA graphs record
+      one graph per shape).
+    `warm` compiles them up front. If the weights change after compiling, the network runs eagerly
+    again with a warning rather than with stale constants."""
 
     def __init__(self, model: SEDD, compile: str | None = None):
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: use None (no compilation) or one of {', '.join(COMPILE_MODES)}")
         self.model = model
         self.blocks = [FastBlock(block) for block in model.blocks]
-        self._polar: dict[tuple, torch.Tensor] = {}
+        self._rotary: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (length, device, dtype): _rotary_tables
         self._stacked_modulation: tuple | None = None  # (contents key, weight, bias): _modulations
-        self._compiled_trunk = None
-        self._compiled_weights: tuple | None = None
+        self._compiled: dict | None = None  # "trunk", and with "freeze" "scores": the compiled graphs
+        self._compiled_weights: tuple | None = None  # weights_key() when first compiled
+        self._params = list(model.parameters())
+        self._inductor = {"freezing": True} if compile == "freeze" else {}
+        if compile is not None and next(model.parameters()).device.type == "cpu":
+            self._inductor["cpp_wrapper"] = True  # the graph's calls from C++, not Python: less per-pass overhead
         if compile is not None:
-            self._compiled_trunk = _compile(self._trunk_head, compile)
+            self._compiled = {"trunk": _compile(self._trunk_graph, compile)}
+            if compile == "freeze":
+                self._compiled["scores"] = _compile(self._scores_graph, compile)
 
     @property
     def compiled(self) -> bool:
-        """The compiled trunk is in use (False without `compile`, or after the weights changed)."""
-        return self._compiled_trunk is not None
+        """The compiled graphs are in use (False without `compile`, or after the weights changed)."""
+        return self._compiled is not None
+
+    @property
+    def dynamic_rows(self) -> bool:
+        """The compiled graphs take any number of rows ("freeze": one graph for one row, one for two or
+        more) rather than one graph per power-of-two bucket."""
+        return self._compiled is not None and "scores" in self._compiled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in: the one the weights are stored in."""
+        return self.model.compute_dtype
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """`SEDD.forward`: tokens (B, L) long, sigma (B,) -> log score (B, L, V)."""
+        """`SEDD.forward`: tokens (B, L) long, sigma (B,) -> log score (B, L, V), in the weights' dtype
+        (as the plain network)."""
         model = self.model
-        x, attended, mod, c = self._head(tokens, sigma)
-        with model._autocast(tokens.device):
-            x = self.blocks[-1].position_half(x, attended, mod)  # (B, L, H)
-            shift, scale = model.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
-            log_score = model.output_layer.linear(modulated_norm(model.output_layer.norm_final, x, shift, scale))
+        x, attended, mod, c = self.trunk(tokens, sigma)
+        x = self.blocks[-1].position_half(x, attended, mod)  # (B, L, H)
+        shift, scale = linear(model.output_layer.adaLN_modulation, c)[:, None].chunk(2, dim=-1)
+        log_score = linear(model.output_layer.linear, modulated_norm(model.output_layer.norm_final, x, shift, scale))
         if model.scale_by_sigma:
             offset = model.sigma_offset(sigma, log_score.shape[-1])
             log_score = log_score - offset.to(log_score.dtype)[:, None, None]
@@ -284,124 +325,217 @@ class FastSEDD:
         """`SEDD.log_score_at_index`: the log score at flat positions `index` (ascending), (N, V) float32.
 
         The last block past its attention and the vocabulary-wide output layer run at those positions
-        only (with the absorbing graph only masked positions need them, SPEC section 4). `out` (N, V),
-        float32 and contiguous, receives the result when the model computes in float32 (a reused buffer
-        avoids fresh memory every step on a CPU). `row_of` (index // L) may be passed by a caller that
-        has it already."""
-        model = self.model
+        only (with the absorbing graph only masked positions need them: the authors' sampler computes
+        and then ignores the rest). `out` (N, V), float32 and contiguous, receives the result (a reused
+        buffer avoids fresh memory every step on a CPU); in bfloat16 the output layer's result becomes
+        float32 there, in the pass that subtracts sigma's offset. `row_of` (index // L) may be passed by
+        a caller that has it already."""
         if row_of is None:
             row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
-        x, attended, mod, c = self._head(tokens, sigma)
-        linear = model.output_layer.linear
-        with model._autocast(tokens.device):
-            h = self.blocks[-1].at_positions(x, attended, mod, index, row_of)  # (N, H)
-            shift, scale = model.output_layer.adaLN_modulation(c).chunk(2, dim=1)  # (B or 1, H)
-            if c.shape[0] > 1:
-                shift, scale = shift[row_of], scale[row_of]  # (N, H)
-            h = modulated_norm(model.output_layer.norm_final, h, shift, scale)
-            if out is not None and out.dtype == linear.weight.dtype == h.dtype:
-                log_score = torch.addmm(linear.bias, h, linear.weight.t(), out=out)  # (N, V)
-            else:
-                log_score = linear(h)
-        if model.scale_by_sigma:
-            offset = model.sigma_offset(sigma.float(), log_score.shape[-1])
-            offset = (offset[row_of] if offset.numel() > 1 else offset)[:, None]
-            # in place on a float32 result; a bf16 one is promoted to float32 by the same subtraction
-            log_score = log_score.sub_(offset) if log_score.dtype == torch.float32 else log_score - offset
-        log_score = log_score.float()
-        own = tokens.reshape(-1).index_select(0, index)
-        return log_score.scatter_(-1, own[:, None], 0.0)
+        if self._compiled_usable() and "scores" in self._compiled:
+            return self._compiled_scores(tokens, sigma, index, row_of, out)
+        return self._tail(tokens, sigma, index, row_of, *self.trunk(tokens, sigma), out=out)
 
     def warm(self, max_rows: int, length: int) -> list[tuple[int, float]]:
-        """Compile every row bucket up to `max_rows` at `length` now, rather than at the first batch of
-        each size (a compilation takes seconds to a minute). Returns (bucket, seconds) per bucket; [] when
-        the trunk is not compiled."""
-        if self._compiled_trunk is None:
+        """Compile now rather than at the first batches, at `length`: with "freeze" the graphs for one row and
+        for two or more (up to `max_rows`, a dynamic size), with a mode every bucket up to `max_rows`; a
+        compilation takes seconds to a minute. Returns (rows, seconds) per compilation; [] when nothing is
+        compiled."""
+        if self._compiled is None:
             return []
         device = self.model.output_layer.linear.weight.device
-        timings, bucket = [], 1
-        while True:
+        if "scores" in self._compiled:
+            sizes = sorted({1, min(2, max_rows)})
+        else:
+            sizes = [1 << i for i in range((max(max_rows, 1) - 1).bit_length() + 1)]
+        timings = []
+        for rows in sizes:
             start = time.perf_counter()
-            with torch.inference_mode():
-                self._head(torch.zeros(bucket, length, dtype=torch.long, device=device),
-                           torch.ones(bucket, device=device))
-            timings.append((bucket, time.perf_counter() - start))
-            if bucket >= max_rows:
-                return timings
-            bucket *= 2
+            with torch.inference_mode():  # inference tensors, as the sampler's: torch.compile guards on it
+                tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+                sigma = torch.ones(rows, device=device)
+                if self.model.absorb:  # the sampler's call; with the uniform graph it is the full forward
+                    tokens.fill_(self.model.config.mask_id)
+                    self.log_score_at_index(tokens, sigma, torch.arange(2, device=device))
+                else:
+                    self(tokens, sigma)
+            timings.append((rows, time.perf_counter() - start))
+        return timings
 
     # ---- the trunk: embedding, every block but the last, the last block's attention half -------------
-    def _head(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cos, sin = self.model.rotary_emb(tokens.shape[1], tokens.device)
-        if not self._compiled_trunk_usable():
-            return self._trunk_head(tokens, sigma, cos, sin, shared_sigma(sigma))
+    def trunk(self, tokens: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything before the position-by-position half of the last block, compiled when `compile` was
+        given: (x entering the last block (B, L, H) float32, its attention output (B, L, H) in the weights'
+        dtype, its modulation (B or 1, 1, 6H), c (B or 1, cond))."""
+        cos, sin, polar = self._rotary_tables(tokens.shape[1], tokens.device)
+        if not self._compiled_usable():
+            return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
         rows = tokens.shape[0]
-        bucket = 1 << (rows - 1).bit_length()
-        if bucket != rows:  # pad to the bucket with copies of the last row; rows never mix
-            pad = bucket - rows
-            tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
-            sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
-        return tuple(t[:rows] for t in self._compiled_trunk(tokens, sigma, cos, sin, False))
+        if "scores" in self._compiled:  # "freeze": rows are a dynamic size
+            tokens, sigma = _inference(tokens, sigma)
+            _mark_dynamic(rows=(tokens, sigma))
+        else:  # a mode: static shapes, padded to the bucket with copies of the last row (rows never mix)
+            pad = (1 << (rows - 1).bit_length()) - rows
+            if pad:
+                tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1)])
+                sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
+        with _inductor_config(self._inductor):  # Inductor reads it when it compiles
+            found = self._compiled["trunk"](tokens, sigma, cos, sin, None, False)
+        return found if found[0].shape[0] == rows else tuple(t[:rows] for t in found)
 
-    def _trunk_head(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    shared: bool) -> tuple[torch.Tensor, ...]:
-        """(x entering the last block (B, L, H), its attention output (B, L, H), its modulation
-        (B or 1, 1, 6H), c (B or 1, cond)). Static shapes: this is what gets compiled."""
+    def _trunk_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     polar: torch.Tensor | None, shared: bool) -> tuple[torch.Tensor, ...]:
+        """`trunk` as a function of tensors: what gets compiled. `shared`: every row at sigma[0]."""
         model = self.model
         x = model.vocab_embed(tokens).float()
         c = F.silu(model.sigma_map(sigma[:1] if shared else sigma))
-        polar = self._polar_table(tokens.shape[1], tokens.device) if _eager() else None
         rotary = (cos, sin, polar)
-        with model._autocast(tokens.device):
-            mods = self._modulations(c)
-            for block, mod in zip(self.blocks[:-1], mods):
-                x = block(x, rotary, c, mod)
-            mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
+        mods = self._modulations(c)
+        for block, mod in zip(self.blocks[:-1], mods):
+            x = block(x, rotary, c, mod)
+        mod, attended = self.blocks[-1].attention_half(x, rotary, c, mods[-1])
         return x, attended, mod, c
 
-    def _polar_table(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        """cos + i sin of position x frequency, (L, d/2) complex64: rotary as one complex product."""
-        key = (seq_len, str(device))
-        if key not in self._polar:
-            cos, sin = self.model.rotary_emb(seq_len, device)
-            self._polar[key] = torch.complex(cos, sin)
-        return self._polar[key]
+    # ---- after the trunk: the last block and the output layer where they are needed --------------------
+    def _scores_graph(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor, row_of: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`log_score_at_index` as one function of tensors: what gets compiled (a conditioning row per
+        row, so that a row computes the same alone and in a batch)."""
+        trunk = self._trunk_graph(tokens, sigma, cos, sin, None, False)
+        return self._tail(tokens, sigma, index, row_of, *trunk)
 
-    def _modulations(self, c: torch.Tensor) -> list[torch.Tensor | None]:
+    def _tail(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor, row_of: torch.Tensor,
+              x: torch.Tensor, attended: torch.Tensor, mod: torch.Tensor, c: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """From the trunk to the float32 log score at `index`: the last block's position-by-position half
+        and the output layer at those positions, sigma's offset, 0 at each position's own token."""
+        model = self.model
+        layer = model.output_layer.linear
+        h = self.blocks[-1].at_positions(x, attended, mod, index, row_of)  # (N, H) float32
+        shift, scale = linear(model.output_layer.adaLN_modulation, c).chunk(2, dim=1)  # (B or 1, H)
+        if c.shape[0] > 1:
+            shift, scale = shift[row_of], scale[row_of]  # (N, H)
+        h = modulated_norm(model.output_layer.norm_final, h, shift, scale)
+        into = out is not None and out.dtype == torch.float32 and out.is_contiguous() and _eager()
+        if into and layer.weight.dtype == torch.float32:
+            log_score = torch.addmm(layer.bias, h, layer.weight.t(), out=out)  # (N, V)
+        else:
+            log_score = linear(layer, h)  # (N, V) in the weights' dtype
+        if model.scale_by_sigma:
+            offset = model.sigma_offset(sigma.float(), log_score.shape[-1])
+            offset = (offset[row_of] if offset.numel() > 1 else offset)[:, None]
+            if log_score.dtype == torch.float32:
+                log_score = log_score.sub_(offset)
+            else:  # bf16 minus float32 is float32: one pass rounds up and subtracts, into `out` when given
+                log_score = torch.sub(log_score, offset, out=out) if into else log_score - offset
+        if log_score.dtype != torch.float32:
+            log_score = out.copy_(log_score) if into else log_score.float()
+        own = tokens.reshape(-1).index_select(0, index)
+        return log_score.scatter_(-1, own[:, None], 0.0)
+
+    def _compiled_scores(self, tokens: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor,
+                         row_of: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """`log_score_at_index` through the compiled graph. Rows (from two on) and positions are dynamic
+        sizes; one row gets a graph of its own (torch.compile always specialises a size of 1), and a single
+        position is padded to two so that it needs none."""
+        count = index.numel()
+        if count == 1:
+            index, row_of = index.repeat(2), row_of.repeat(2)
+        tokens, sigma, index, row_of = _inference(tokens, sigma, index, row_of)
+        _mark_dynamic(index, row_of, rows=(tokens, sigma))
+        cos, sin, _ = self._rotary_tables(tokens.shape[1], tokens.device)
+        with _inductor_config(self._inductor):
+            scores = self._compiled["scores"](tokens, sigma, index, row_of, cos, sin)
+        if count == 1:
+            scores = scores[:1]
+        return out.copy_(scores) if out is not None and out.shape == scores.shape else scores
+
+    # ---- what the passes share ------------------------------------------------------------------------
+    def _rotary_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """cos and sin (L, d/2) in the weights' dtype (rotary runs in it), and on a CPU in float32 cos + i sin
+        as complex64 (rotary as one complex product: `rotary_qk_interleaved`), else None. Made once per
+        length, so that no pass converts them."""
+        dtype = self.dtype
+        key = (seq_len, str(device), dtype)
+        if key not in self._rotary:
+            cos, sin = self.model.rotary_emb(seq_len, device)  # float32
+            polar = torch.complex(cos, sin) if device.type == "cpu" and dtype == torch.float32 else None
+            self._rotary[key] = (cos.to(dtype), sin.to(dtype), polar)
+        return self._rotary[key]
+
+    def _modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Every block's adaLN_modulation(c), from one matmul over their weights side by side (one kernel
-        instead of one per block); Nones (each block computes its own) when compiling."""
-        if not _eager():
-            return [None] * len(self.blocks)
+        instead of one per block). Eagerly the stacked weights are kept while the weights are unchanged;
+        in a compiled graph the concatenation is traced (Inductor's freezing folds it into a constant)."""
         layers = [block.adaLN_modulation for block in self.model.blocks]
-        key = contents_key(t for layer in layers for t in (layer.weight, layer.bias))
-        if self._stacked_modulation is None or self._stacked_modulation[0] != key:
-            weight = torch.cat([layer.weight.detach() for layer in layers])
-            bias = torch.cat([layer.bias.detach() for layer in layers])
-            self._stacked_modulation = (key, weight, bias)
-        _, weight, bias = self._stacked_modulation
-        return list(F.linear(c, weight, bias).split(layers[0].out_features, dim=-1))
+        if not _eager():
+            weight = torch.cat([layer.weight for layer in layers])
+            bias = torch.cat([layer.bias for layer in layers])
+        else:
+            key = contents_key(t for layer in layers for t in (layer.weight, layer.bias))
+            if self._stacked_modulation is None or self._stacked_modulation[0] != key:
+                self._stacked_modulation = (key, torch.cat([layer.weight.detach() for layer in layers]),
+                                            torch.cat([layer.bias.detach() for layer in layers]))
+            _, weight, bias = self._stacked_modulation
+        return list(F.linear(c.to(weight.dtype), weight, bias).split(layers[0].out_features, dim=-1))
 
-    def _compiled_trunk_usable(self) -> bool:
-        """Compiled trunk on, and the weights still those it was first compiled with."""
-        if self._compiled_trunk is None:
+    def weights_key(self) -> tuple:
+        """Changes whenever a weight is written in place (an optimiser step, load_state_dict into it) or moved
+        (`.to()`): the versions and addresses of the parameters the runner was made with (about 10 us; walking
+        the modules for them would cost ten times that on every pass). Parameters replaced by new objects need
+        a new FastSEDD."""
+        return tuple(p._version for p in self._params), tuple(map(torch.Tensor.data_ptr, self._params))
+
+    def _compiled_usable(self) -> bool:
+        """Compiled graphs on, and the weights still those they were first compiled with."""
+        if self._compiled is None:
             return False
-        key = contents_key(self.model.parameters())
+        key = self.weights_key()
         if self._compiled_weights is None:
             self._compiled_weights = key
         elif key != self._compiled_weights:
-            warnings.warn("the model's weights changed after the trunk was compiled; running it eagerly "
+            warnings.warn("the model's weights changed after the network was compiled; running it eagerly "
                           "(make a new FastSEDD to compile again)", stacklevel=4)
-            self._compiled_trunk = None
+            self._compiled = None
             return False
         return True
 
 
-def _compile(trunk_head, mode: str):
+def _inference(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as inference tensors under inference mode (a copy of those that are not): the sampler's
+    are, and torch.compile guards on it, so a caller's ordinary tensors would otherwise compile anew."""
+    if not torch.is_inference_mode_enabled():
+        return tensors
+    return tuple(t if t.is_inference() else t.clone() for t in tensors)
+
+
+def _mark_dynamic(*sizes: torch.Tensor, rows: tuple[torch.Tensor, ...] = ()) -> None:
+    """Dim 0 of each of `sizes`, and of `rows` when they hold two or more, is a dynamic size for
+    torch.compile (a size of 1 would be specialised anyway)."""
+    import torch._dynamo
+
+    for tensor in (*sizes, *(rows if rows and rows[0].shape[0] > 1 else ())):
+        torch._dynamo.mark_dynamic(tensor, 0)
+
+
+def _inductor_config(options: dict):
+    """Inductor's settings while a compiled call may compile. Freezing (weights become constants, prepacked
+    for oneDNN): `torch.compile(options={"freezing": True})` does not reach the pass that freezes (PyTorch
+    2.13: the weights stay graph inputs and every matmul an unpacked addmm), the config setting does.
+    cpp_wrapper: on a CPU the graph's kernel calls are made from generated C++ instead of Python."""
+    if not options:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(**options)
+
+
+def _compile(graph, mode: str):
     import torch._dynamo
 
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 64))  # one graph per bucket and length
+    setattr(config, limit, max(getattr(config, limit), 64))  # two graphs per length, or a bucket's each
     if mode == "freeze":
-        return torch.compile(trunk_head, dynamic=False, options={"freezing": True})
-    return torch.compile(trunk_head, dynamic=False, mode=mode)
+        return torch.compile(graph)  # sizes marked dynamic where they are (_mark_dynamic)
+    return torch.compile(graph, dynamic=False, mode=mode)

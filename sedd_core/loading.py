@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,16 @@ from . import hub
 from .config import ConfigError, SEDDConfig
 from .fast_model import COMPILE_MODES, FastSEDD
 from .graph import Graph, graph_from_config
-from .model import SEDD
+from .model import SEDD, LayerNorm
 from .noise import Noise, noise_from_config
 from .tokenizers import Tokenizer, resolve_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+# CPU instruction sets that multiply bfloat16 natively (oneDNN uses them for bf16 matmuls), best first.
+# Without them PyTorch emulates bf16 with float32 instructions plus conversions: slower than float32.
+CPU_BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")
 
 
 class CheckpointError(ValueError):
@@ -54,6 +58,7 @@ class LoadedModel:
     source: str
     layout: str
     runner: SEDD | FastSEDD | None = None  # None: a FastSEDD over `model`
+    dtype_choice: str = "asked"  # how `dtype` was picked: "asked", or "auto: <why>" (choose_dtype)
 
     def __post_init__(self):
         if self.runner is None:
@@ -85,14 +90,70 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def cpu_bf16_support() -> str | None:
+    """The instruction set with which this CPU multiplies bfloat16 natively ("amx_bf16" on Intel since
+    Sapphire Rapids, "avx512_bf16" on AMD Zen 4 and Intel Cooper Lake and later), or None.
+
+    Asked of PyTorch (cpuinfo, `torch.cpu.get_capabilities`; /proc/cpuinfo where this PyTorch lacks it),
+    and only where its oneDNN runs bf16 matmuls on this CPU at all."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        found = [name for name in CPU_BF16_INSTRUCTIONS if capabilities.get(name)]
+    else:  # pragma: no cover - PyTorch before get_capabilities
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        found = [name for name in CPU_BF16_INSTRUCTIONS if name in flags]
+    return found[0] if found else None
+
+
+def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, how it was picked). `None` or "auto": bfloat16 on CUDA; on a CPU bfloat16 where it has
+    native bf16 instructions (`cpu_bf16_support`), float32 elsewhere (emulated bf16 is slower than float32);
+    any other value is taken as asked."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16, "auto: bfloat16 on CUDA"
+        if device.type == "cpu":
+            found = cpu_bf16_support()
+            if found:
+                return torch.bfloat16, f"auto: this CPU has {found} (native bfloat16 matmuls)"
+            return torch.float32, "auto: this CPU has no native bfloat16 instructions"
+        return torch.float32, f"auto: float32 on {device.type}"
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, "asked"
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return DTYPES[dtype]
+    return DTYPES[dtype], "asked"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype of `choose_dtype`."""
+    return choose_dtype(dtype, device)[0]
+
+
+CPP_COMPILERS = ("g++", "c++", "clang++")  # what Inductor's CPU kernels are built with
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU kernels would be built with, or None when there is none."""
+    for name in CPP_COMPILERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def resolve_compile(compile: str | None, device: torch.device) -> str | None:
+    """FastSEDD's `compile`: "auto" is "freeze" (Inductor, weights frozen in) on a CPU with a C++ compiler,
+    where the compiled step pays most (docs/benchmarks.md, CPU round three), and None (eager) elsewhere."""
+    if compile != "auto":
+        return compile
+    return "freeze" if device.type == "cpu" and cpp_compiler() else None
 
 
 def resolve_source(source: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
@@ -233,10 +294,20 @@ def build_model(config: SEDDConfig, state: Mapping[str, torch.Tensor], device: t
         model = SEDD(config)
     check_state_dict(model, state, where)
     model.load_state_dict(state, strict=True, assign=True)
+    return to_precision(model, device, dtype).eval()
+
+
+def to_precision(model: SEDD, device: torch.device, dtype: torch.dtype) -> SEDD:
+    """`model` on `device` with its weights stored in `dtype`, once, at load: the matmul weights and the
+    embedding. What the authors keep in float32 stays float32 in every dtype: the layer norms' weights
+    (they normalise in float32) and the rotary frequencies; so no pass casts a weight."""
     inv_freq = model.rotary_emb.inv_freq.float()
     model.to(device=device, dtype=dtype)
-    model.rotary_emb.inv_freq = inv_freq.to(device)  # rotary tables stay float32
-    return model.eval()
+    model.rotary_emb.inv_freq = inv_freq.to(device)
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            module.float()
+    return model
 
 
 def load_network(path: Path, device: torch.device, dtype: torch.dtype,
@@ -258,16 +329,18 @@ def load(source: str | os.PathLike | None = "default", device: str | torch.devic
     cache_dir: where hub sources are downloaded (default ~/.cache/sedd); oxen_host: the Oxen hub (default
     hub.oxen.ai); gpt2_vocab: a gpt2.tiktoken file for GPT-2 models whose folder has none.
     fast=False samples through the plain network (`model.SEDD`) instead of `fast_model.FastSEDD`;
-    compile is FastSEDD's (None, "freeze" or a torch.compile mode)."""
-    if compile is not None and (not fast or compile not in COMPILE_MODES):
-        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)}")
+    compile is FastSEDD's (None, "freeze" or a torch.compile mode), or "auto" (`resolve_compile`)."""
+    if compile is not None and (not fast or compile not in (*COMPILE_MODES, "auto")):
+        raise ValueError(f"compile={compile!r} needs fast=True and one of {', '.join(COMPILE_MODES)} or auto")
     path, source_text = resolve_source(source, cache_dir, oxen_host)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    compile = resolve_compile(compile, device)
+    dtype, dtype_choice = choose_dtype(dtype, device)
     model, config, layout = load_network(path, device, dtype, allow_pickle)
     tokenizer = resolve_tokenizer(config.tokens, path, config.tokenizer, gpt2_vocab)
     runner = FastSEDD(model, compile=compile) if fast else model
     return LoadedModel(
         model=model, graph=graph_from_config(config), noise=noise_from_config(config), tokenizer=tokenizer,
         config=config, device=device, dtype=dtype, path=path, source=source_text, layout=layout, runner=runner,
+        dtype_choice=dtype_choice,
     )

@@ -105,7 +105,9 @@ def checkpoint_keys() -> Path:
 # ---- models -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lm(tiny_five: Path) -> LoadedModel:
-    return sedd_core.load(str(tiny_five), device="cpu")
+    """tiny-five in float32 (not the dtype `auto` picks, bf16 on a CPU with native bf16): the tests
+    that use it compare against the authors' float32 numbers."""
+    return sedd_core.load(str(tiny_five), device="cpu", dtype="float32")
 
 
 # ---- builders ---------------------------------------------------------------------------------------

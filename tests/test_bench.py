@@ -183,3 +183,26 @@ def test_cpu_microbench_script_prints_its_measurements():
     for words in ("log_score_at_index, hidden 32", "one complex product", "last block, 8 positions",
                   "network, 8 masked positions"):
         assert words in out.stdout, words
+
+
+def test_one_request_gets_a_bf16_row_beside_float32_on_a_cpu_with_native_bf16(monkeypatch, capsys):
+    from sedd_cli.main import main
+    from sedd_core import loading
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SEDD_DTYPE", raising=False)
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: "avx512_bf16")
+    assert sedd_bench.bench_dtypes(None, cpu) == [torch.float32, torch.bfloat16]
+    assert sedd_bench.bench_dtypes("bfloat16", cpu) == [torch.bfloat16]  # --dtype / SEDD_DTYPE: that one only
+    assert main(["bench", "--preset", "short12", "--steps", "2", "--sections", "request", "--repeats", "1",
+                 "--baselines", "authors", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "float32" and report["request_dtypes"] == ["float32", "bfloat16"]
+    rows = report["one_request"]["by_dtype"]
+    assert list(rows) == ["float32", "bfloat16"]
+    assert rows["float32"]["ours_s"] == report["one_request"]["ours_s"]
+    assert rows["bfloat16"]["ours_s"]["min"] > 0 and rows["bfloat16"]["speedup_authors_paired"] > 0
+    assert rows["bfloat16"]["paired_vs_first_dtype"] > 0
+
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: None)  # elsewhere: float32 alone, as before
+    assert sedd_bench.bench_dtypes(None, cpu) == [torch.float32]

@@ -100,28 +100,38 @@ def test_written_out_choices_match_the_library():
     assert bench.PRESET_NAMES == tuple(PRESETS)
 
 
-def test_serve_sets_a_passive_wait_policy_before_torch_loads(tiny_five):
-    """`sedd serve` itself (not only `make serve`) makes idle OpenMP threads sleep unless the user chose: the
-    variable is in place when torch is first imported, which is when libgomp reads it."""
-    code = """import os, sys
+WATCH_TORCH = """import os, sys
 seen = {}
 class WatchTorch:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "policy" not in seen:
-            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        if name == "torch" and "at torch" not in seen:
+            seen["at torch"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
 sys.meta_path.insert(0, WatchTorch())
-import uvicorn
+"""
+SERVE = """import uvicorn
 uvicorn.run = lambda app, **kw: None
 from sedd_cli.main import main
 main(["serve", "--model", sys.argv[1]])
-print("policy when torch loaded:", seen.get("policy"))
 """
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+UVICORN_PATH = """import app.main
+"""
+
+
+@pytest.mark.parametrize("entry", [SERVE, UVICORN_PATH], ids=["sedd serve", "uvicorn app.main"])
+def test_server_sets_its_openmp_wait_policy_before_torch_loads(entry, tiny_five):
+    """`sedd serve` itself (not only `make serve`) and `uvicorn app.main:create_app` make OpenMP threads spin
+    briefly and then sleep (app/openmp.py) unless the user chose a policy: the variables are in place when
+    torch is first imported, which is when the OpenMP runtime reads them."""
+    code = WATCH_TORCH + entry + "print('at torch:', seen.get('at torch'))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     out = python(code, env, str(tiny_five))
     assert out.returncode == 0, out.stderr
-    assert "policy when torch loaded: PASSIVE" in out.stdout
-    out = python(code, env | {"OMP_WAIT_POLICY": "ACTIVE"}, str(tiny_five))
-    assert "policy when torch loaded: ACTIVE" in out.stdout
+    assert "at torch: {'OMP_WAIT_POLICY': None, 'GOMP_SPINCOUNT': '1000', 'KMP_BLOCKTIME': '0'}" in out.stdout
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        out = python(code, env | chosen, str(tiny_five))
+        assert out.returncode == 0, out.stderr
+        unset = dict.fromkeys(("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"))
+        assert f"at torch: {unset | chosen}" in out.stdout
 
 
 @pytest.mark.parametrize("value", ["y", "1", "true", "yes"])

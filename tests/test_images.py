@@ -237,6 +237,12 @@ def test_cpu_image_turns_healthy_and_serves_as_uid_10001(images):
     with running(images, CPU_IMAGE, "sedd-verify-cpu") as url:
         healthy_s = wait_healthy(images, "sedd-verify-cpu")
         check_serving(images, "sedd-verify-cpu", url)
+        # The image carries a compiler (WITH_COMPILER=1 by default), so SEDD_COMPILE=auto compiled the network
+        # before /health turned 200, into the cache volume.
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert info["compiled"] is True, info
+        logs = images.podman("logs", "sedd-verify-cpu")
+        assert "compiled the network for one row" in logs.stdout + logs.stderr
     print(f"\nCPU image: healthy {healthy_s:.1f} s after `podman run`")
 
 

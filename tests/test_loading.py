@@ -10,9 +10,9 @@ import yaml
 from safetensors.torch import save_file
 
 import sedd_core
-from sedd_core import hub
+from sedd_core import hub, loading
 from sedd_core.loading import CheckpointError, LoadedModel, detect_layout
-from sedd_core.model import SEDD
+from sedd_core.model import SEDD, LayerNorm
 
 
 @pytest.fixture
@@ -25,7 +25,8 @@ def same_weights(a: LoadedModel, b: LoadedModel) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_oxen_layout(char_folder):
+def test_oxen_layout(char_folder, monkeypatch):
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: None)  # a CPU without native bf16
     lm = sedd_core.load(char_folder, device="cpu")
     assert lm.layout == "oxen" and lm.tokenizer.name == "char" and lm.length == 16
     assert lm.dtype == torch.float32 and lm.device.type == "cpu"
@@ -68,7 +69,7 @@ def test_training_run_layout_samples_from_ema(char_folder, tmp_path, tiny_config
     state = {f"module.{k}": v for k, v in model.state_dict().items()}  # DDP prefix, as the authors save
     torch.save({"model": state, "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": shadow},
                 "optimizer": {}, "step": 3}, run / "checkpoints-meta" / "checkpoint.pth")
-    lm = sedd_core.load(run, device="cpu")
+    lm = sedd_core.load(run, device="cpu", dtype="float32")
     assert lm.layout == "run"
     for p, s in zip(lm.model.parameters(), shadow):
         assert torch.equal(p, s)
@@ -123,12 +124,48 @@ def test_unknown_dtype_and_missing_cuda(char_folder):
             sedd_core.load(char_folder, device="cuda")
 
 
-def test_bfloat16_keeps_rotary_tables_in_float32(char_folder):
+def test_bfloat16_stores_the_matmul_weights_once_and_keeps_norms_and_rotary_in_float32(char_folder):
     lm = sedd_core.load(char_folder, device="cpu", dtype="bfloat16")
-    assert lm.model.vocab_embed.embedding.dtype == torch.bfloat16
+    norms = {name for name, module in lm.model.named_modules() if isinstance(module, LayerNorm)}
+    for name, param in lm.model.named_parameters():
+        owner = name.rpartition(".")[0]
+        assert param.dtype == (torch.float32 if owner in norms else torch.bfloat16), name
+    assert len(norms) == 2 * len(lm.model.blocks) + 1
     assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
     texts = sedd_core.generate(lm, num_samples=2, steps=4, seed=0, prefix="ab")
     assert all(t.startswith("ab") for t in texts)
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_native_bf16(char_folder, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: "avx512_bf16")
+    assert loading.choose_dtype(None, cpu) == (torch.bfloat16, "auto: this CPU has avx512_bf16 (native bfloat16 "
+                                                                "matmuls)")
+    assert loading.choose_dtype("auto", cpu)[0] == torch.bfloat16
+    assert loading.choose_dtype("float32", cpu) == (torch.float32, "asked")  # SEDD_DTYPE / --dtype win
+    lm = sedd_core.load(char_folder, device="cpu")
+    assert lm.dtype == torch.bfloat16 and lm.dtype_choice.startswith("auto: this CPU has avx512_bf16")
+    assert lm.model.blocks[0].attn_qkv.weight.dtype == torch.bfloat16
+
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: None)  # emulated bf16 would be slower: float32
+    assert loading.choose_dtype(None, cpu) == (torch.float32, "auto: this CPU has no native bfloat16 instructions")
+    assert loading.choose_dtype("bf16", cpu) == (torch.bfloat16, "asked")
+    lm = sedd_core.load(char_folder, device="cpu")
+    assert lm.dtype == torch.float32 and lm.model.blocks[0].attn_qkv.weight.dtype == torch.float32
+    assert loading.choose_dtype(None, torch.device("cuda")) == (torch.bfloat16, "auto: bfloat16 on CUDA")
+
+
+@pytest.mark.parametrize(("capabilities", "mkldnn_bf16", "found"), [
+    ({"avx512_bf16": True, "amx_bf16": False}, True, "avx512_bf16"),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx512_bf16": True, "amx_bf16": True}, True, "amx_bf16"),  # Intel Sapphire Rapids and later
+    ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, True, None),  # AVX-512 without bf16: emulated
+    ({"architecture": "arm64"}, True, None),
+    ({"avx512_bf16": True}, False, None),  # oneDNN would not run bf16 matmuls here at all
+])
+def test_cpu_bf16_probe_reads_pytorchs_cpu_capabilities(monkeypatch, capabilities, mkldnn_bf16, found):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16)
+    assert loading.cpu_bf16_support() == found
 
 
 # ---- hub sources, up to the network boundary ---------------------------------------------
@@ -203,3 +240,16 @@ def test_detect_layout_prefers_oxen_export_over_training_state(char_folder):
     (char_folder / "checkpoints-meta").mkdir()
     pickle.dump({}, open(char_folder / "checkpoints-meta" / "checkpoint.pth", "wb"))
     assert detect_layout(char_folder)[0] == "oxen"
+
+
+def test_compile_auto_is_the_frozen_graph_on_a_cpu_with_a_cpp_compiler_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loading, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert loading.resolve_compile("auto", cpu) == "freeze"
+    assert loading.resolve_compile("auto", cuda) is None  # a GPU host starts without compiling
+    monkeypatch.setattr(loading, "cpp_compiler", lambda: None)  # Inductor could not build its CPU kernels
+    assert loading.resolve_compile("auto", cpu) is None
+    lm = sedd_core.load("default", device="cpu", compile="auto")
+    assert not lm.runner.compiled
+    for given in (None, "freeze", "reduce-overhead"):
+        assert loading.resolve_compile(given, cpu) == given

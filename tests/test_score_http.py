@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+import sedd_core
 from sedd_core.evaluate import TextScores, score_texts
 
 TRAINING_STRINGS = ["hello world!", "diffusion ok", "masked chars", "score ratios", "tiny dataset"]
@@ -21,12 +22,19 @@ async def _score(client, **body) -> list[dict]:
     return answer.json()["results"]
 
 
+@pytest.fixture(scope="module")
+def served_lm(tiny_five):
+    """tiny-five as the test servers load it (dtype auto: bf16 on a CPU with native bf16), so that the library
+    computes what they do."""
+    return sedd_core.load(str(tiny_five), device="cpu")
+
+
 @pytest.mark.anyio
-async def test_http_agrees_with_the_library_for_the_same_seed(tiny_client, lm):
+async def test_http_agrees_with_the_library_for_the_same_seed(tiny_client, served_lm):
     texts = ["hello world!", "hello", "score ratios, tiny dataset"]  # whole, short, two windows
     results = await _score(tiny_client, text=texts, samples=32, seed=5)
     assert [set(r) for r in results] == [FIELDS] * 3
-    library = score_texts(lm, texts, samples=32, seed=5)
+    library = score_texts(served_lm, texts, samples=32, seed=5)
     for ours, theirs in zip(results, library):
         assert ours["text"] == theirs.text and ours["tokens"] == theirs.tokens
         for field in ("nll_nats", "stderr_nats", "bits_per_token", "perplexity_bound"):
@@ -92,7 +100,7 @@ async def test_the_api_key_guards_scoring(app_client, tiny_five):
 
 
 @pytest.mark.anyio
-async def test_scoring_runs_on_the_engine_thread_while_sampling_flows(app_client, tiny_five, monkeypatch, lm):
+async def test_scoring_runs_on_the_engine_thread_while_sampling_flows(app_client, tiny_five, monkeypatch, served_lm):
     """A long scoring request (4 texts x 1024 draws, 16 rows a chunk) and /sample requests at once: the
     chunks run on the engine's thread, the samples finish before the scoring does and are the same as
     when run alone, and the scores are the library's."""
@@ -124,7 +132,7 @@ async def test_scoring_runs_on_the_engine_thread_while_sampling_flows(app_client
     assert threads == {"sedd-engine"}
     assert finished == ["sample", "score"]
     assert all(a.status_code == 200 and a.json()["samples"] == alone for a in sampled)
-    library = score_texts(lm, TRAINING_STRINGS[:4], samples=1024)
+    library = score_texts(served_lm, TRAINING_STRINGS[:4], samples=1024)
     assert [r["nll_nats"] for r in scored.json()["results"]] == pytest.approx([r.nll_nats for r in library],
                                                                               rel=1e-5)
 

@@ -340,7 +340,8 @@ def test_training_evaluation_is_the_sedd_eval_estimator(corpus, tmp_path):
     cfg = tiny(corpus, n_iters=3, eval_every=3, checkpoint_every=3)
     trainer = trainer_mod.Trainer(cfg, run, device="cpu", progress=False)
     result = trainer.run()
-    lm = sedd_core.load(run, device="cpu")  # the exported EMA weights, as `sedd eval --model RUN_DIR` reads them
+    # the exported EMA weights, as `sedd eval --model RUN_DIR --dtype float32` reads them (the trainer evaluates in float32)
+    lm = sedd_core.load(run, device="cpu", dtype="float32")
     crops = torch.cat(trainer.eval_batches)
     draws = elbo_draws(lm.model, lm.graph, lm.noise, crops, samples=1, seed=cfg.training.seed + 3,
                        batch_size=cfg.training.batch_size)

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sedd_core import loading
 from sedd_core.fast_model import FLASH_ATTN_AVAILABLE, FastSEDD, flash_attn_usable
 from sedd_core.sampling import PREDICTORS
 
@@ -37,7 +38,10 @@ async def model_info(state: ReadyState, request: Request) -> ModelInfo:
     return ModelInfo(
         name=lm.name, source=lm.source, layout=lm.layout, tokenizer=lm.tokenizer.name,
         vocab_size=lm.config.vocab_size, length=lm.length, device=str(lm.device),
-        dtype=str(lm.dtype).removeprefix("torch."), parameters=lm.parameters, graph=lm.config.graph,
+        dtype=str(lm.dtype).removeprefix("torch."), dtype_choice=lm.dtype_choice,
+        cpu_bf16=loading.cpu_bf16_support() if lm.device.type == "cpu" else None,
+        compiled=isinstance(lm.runner, FastSEDD) and lm.runner.compiled, parameters=lm.parameters,
+        graph=lm.config.graph,
         noise=lm.config.noise, predictors=list(PREDICTORS), max_rows=settings.max_rows,
         max_queue=settings.max_queue, max_steps=settings.max_steps, max_samples=settings.max_samples,
         flash_attn={"available": FLASH_ATTN_AVAILABLE,

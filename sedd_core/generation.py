@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .canvas import Segment, SegmentError, lay_out
+from .canvas import Segment, SegmentError, lay_out, tokenize_kept
 from .controls import ControlError, SamplingControls
 from .loading import LoadedModel
 from .sampling import PREDICTORS, Job, denoising_step
@@ -43,20 +43,24 @@ def check_encodable(lm: LoadedModel, **texts: str) -> None:
 
 def infill_segments(lm: LoadedModel, length: int | None, prefix: str = "", suffix: str = "") -> list[Segment]:
     """The shorthand's segments `[prefix, gap, suffix]`: the gap fills the rest of a canvas of `length`
-    tokens (default: the model's length)."""
+    tokens (default: the model's length). The kept text is tokenized once, here (`TokenizedText`)."""
     max_length = lm.length
     length = max_length if length is None else int(length)
     if not 1 <= length <= max_length:
         raise GenerationError(f"length must be between 1 and {max_length} (the model's length), got {length}")
     check_encodable(lm, prefix=prefix, suffix=suffix)
-    prefix_tokens, suffix_tokens = len(lm.tokenizer.encode(prefix)), len(lm.tokenizer.encode(suffix))
+    try:
+        kept_prefix, kept_suffix = tokenize_kept(lm.tokenizer, prefix), tokenize_kept(lm.tokenizer, suffix)
+    except SegmentError as exc:
+        raise GenerationError(str(exc)) from None
+    prefix_tokens, suffix_tokens = len(kept_prefix.tokens), len(kept_suffix.tokens)
     gap = length - prefix_tokens - suffix_tokens
     if gap < 1:
         raise GenerationError(
             f"prefix ({prefix_tokens} tokens) plus suffix ({suffix_tokens} tokens) "
             f"leave no room on a canvas of {length} tokens; shorten them or raise length"
         )
-    return [prefix, gap, suffix]
+    return [kept_prefix, gap, kept_suffix]
 
 
 def sampling_controls(lm: LoadedModel, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,

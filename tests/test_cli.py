@@ -175,3 +175,29 @@ def test_a_missing_optional_package_is_named_with_its_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(MissingDependency, match=r"a Hugging Face dataset needs .*pip install 'sedd-serve\[data\]'"):
         require("datasets", "a Hugging Face dataset")
+
+
+def test_every_extra_the_errors_name_is_declared_and_installs_that_module():
+    """EXTRAS maps an import name to an extra by hand (a module's distribution cannot be found while it is
+    missing): each extra must be declared (the installed package's metadata, from pyproject.toml), every
+    user-facing extra must be reachable, and where the module is installed here, its distribution must be one
+    the extra requires."""
+    import importlib.metadata
+    import re
+
+    from sedd_cli.errors import EXTRAS
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    declared = importlib.metadata.metadata("sedd-serve").get_all("Provides-Extra")
+    required: dict[str, set[str]] = {}
+    for requirement in importlib.metadata.requires("sedd-serve"):
+        extra = re.search(r"extra == ['\"]([\w-]+)['\"]", requirement)
+        if extra:
+            required.setdefault(extra.group(1), set()).add(name(requirement))
+    assert set(declared) - {"dev"} == set(EXTRAS.values())
+    installed = importlib.metadata.packages_distributions()
+    for module, extra in EXTRAS.items():
+        for dist in installed.get(module, []):
+            assert name(dist) in required[extra], (module, dist, extra)

@@ -98,6 +98,15 @@ def test_prefix_and_suffix_are_shorthand_for_segments(lm):
     assert make_job(lm).gaps == ((0, 12),) and make_job(lm).fixed is None
 
 
+def test_the_shorthand_tokenizes_prefix_and_suffix_once(lm, monkeypatch):
+    encoded = []
+    encode = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
+    job = make_job(lm, prefix="sc", suffix="os")
+    assert sorted(encoded) == ["os", "sc"]
+    assert job.fixed_tokens.tolist()[:2] == encode(CHARS, "sc") and job.gaps == ((2, 10),)
+
+
 def test_gpt2_model_keeps_text_in_the_middle_token_exact(tmp_path, write_tiny_gpt2_model, gpt2_vocab):
     lm = sedd_core.load(write_tiny_gpt2_model(tmp_path / "gpt2", vocab_file=gpt2_vocab, length=24), device="cpu")
     segments = ["The", 5, " quick brown", 4, " fox jumps."]

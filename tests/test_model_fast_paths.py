@@ -312,6 +312,21 @@ def test_seeded_bfloat16_request_is_the_same_alone_and_in_a_full_batch(model, ti
 
 
 @pytest.mark.slow
+def test_written_out_attention_is_softmax_attention_with_bf16_rounded_scores():
+    """`attend_unfused` (the compiled CPU bf16 step's attention): exact softmax attention in float32, and in
+    bf16 within the rounding of its inputs, scores and weights (each up to u = 2^-8, relative) of float32
+    attention on the same bf16 inputs."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (1.5 * torch.randn(3, 4, 32, 16, generator=generator) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert relative_error(fast_model.attend_unfused(q, k, v), expected) <= 1e-5
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    on_bf16_inputs = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    ours = fast_model.attend_unfused(q, k, v)
+    assert ours.dtype == torch.bfloat16
+    assert relative_error(ours, on_bf16_inputs) <= 3 * 2**-8
+
+
 def test_compiled_bfloat16_step_matches_eager_and_is_batch_invariant(torch_compile):
     """The compiled trunk in bf16 (Inductor, weights frozen in and prepacked): log scores within bf16
     rounding of the eager bf16 path (fusion changes where activations round), and a seeded request the

@@ -345,5 +345,12 @@ def test_compiled_bfloat16_step_matches_eager_and_is_batch_invariant(torch_compi
     alone, batched, rows = _alone_and_in_a_full_batch(lm)
     assert rows == 8
     assert torch.equal(alone, batched)
+    # positions are computed in padded groups of POSITION_QUANTUM: a position's scores do not depend on
+    # how many others were asked for, or on the padding
+    many = index[: fast_model.POSITION_QUANTUM + 1]
+    assert many.numel() == fast_model.POSITION_QUANTUM + 1
+    all_of_them = lm.runner.log_score_at_index(x, sigma, many)
+    for count in (1, 5, fast_model.POSITION_QUANTUM):
+        assert torch.equal(lm.runner.log_score_at_index(x, sigma, many[:count]), all_of_them[:count])
     # every call above (1 to 8 rows, any number of masked positions) used the two warmed graphs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

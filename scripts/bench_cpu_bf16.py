@@ -98,7 +98,7 @@ def checkout(where: str, log: Log) -> Path:
     rev = where[1:]
     folder = Path(tempfile.gettempdir()) / f"sedd-bench-{rev}"
     if not (folder / "Makefile").is_file():
-        log(f"exporting {rev} into {folder}")
+        log(f"exporting {rev} into $TMPDIR/{folder.name}")
         folder.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
@@ -119,7 +119,8 @@ def arm_environment(arm: dict) -> dict[str, str]:
 
 def prepare(arm: dict, folder: Path, log: Log) -> None:
     """Build the checkout's .venv as `make serve` would, outside the timed part."""
-    log(f"{arm['name']}: make .venv/.runtime in {folder}")
+    where = "this checkout" if arm["where"] == "." else f"the export of {arm['where'][1:]}"
+    log(f"{arm['name']}: make .venv/.runtime in {where}")
     subprocess.run(["make", "-C", str(folder), ".venv/.runtime"], check=True, env=arm_environment(arm),
                    stdout=subprocess.DEVNULL)
 

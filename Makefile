@@ -51,16 +51,17 @@ serve: $(VENV)/.runtime
 sample: $(VENV)/.runtime
 	$(BIN)/sedd sample --num-samples 2 --show-intermediate
 
+# The whole suite, the container images included (--images: podman builds and runs them; see `images`).
 test: $(VENV)/.dev system-tools
-	$(BIN)/python -m pytest -q -ra
+	PYTHON=$(BIN)/python $(BIN)/python -m pytest -q -ra --images
 
 test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -ra -m "not slow and not browser"
 
 # The container images built and run for real (docs/deployment.md, "Verifying the images"):
 # scripts/verify_images.sh builds both with podman under build/images (on Debian as root it installs
-# podman and its helpers), tests/test_images.py runs them, alone and through `docker compose`. CI runs it
-# after `make test`: about 10-15 minutes on a clean machine, 2 when build/images holds the last build.
+# podman and its helpers), tests/test_images.py runs them, alone and through `docker compose`. `make test`
+# runs them too (--images): about 7-15 minutes on a clean machine, 2 when build/images holds the last build.
 images: $(VENV)/.dev
 	PYTHON=$(BIN)/python $(BIN)/python -m pytest -q -ra -rP -m images tests/test_images.py
 

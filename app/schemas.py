@@ -315,7 +315,7 @@ class ModelInfo(BaseModel):
                               "instructions, float32 elsewhere)")
     cpu_bf16: str | None = Field(None, description="the native bf16 instruction set this CPU has (amx_bf16, "
                                  "avx512_bf16), or null")
-    compiled: bool = Field(False, description="the network's trunk runs through torch.compile (SEDD_COMPILE)")
+    compiled: bool = Field(False, description="the network runs through torch.compile (SEDD_COMPILE)")
     parameters: int
     graph: str
     noise: str

@@ -156,7 +156,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
         return out.reshape(batch, seq_len, -1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, L, d)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.compiler.is_compiling():
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _eager():
         out = attend_unfused(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -353,7 +353,7 @@ class FastSEDD:
         a caller that has it already."""
         if row_of is None:
             row_of = torch.div(index, tokens.shape[1], rounding_mode="floor")
-        if self._compiled_usable() and "scores" in self._compiled:
+        if self._compiled_usable() and self.dynamic_rows:
             return self._compiled_scores(tokens, sigma, index, row_of, out)
         return self._tail(tokens, sigma, index, row_of, *self.trunk(tokens, sigma), out=out)
 
@@ -365,7 +365,7 @@ class FastSEDD:
         if self._compiled is None:
             return []
         device = self.model.output_layer.linear.weight.device
-        if "scores" in self._compiled:
+        if self.dynamic_rows:
             sizes = sorted({1, min(2, max_rows)})
         else:
             sizes = [1 << i for i in range((max(max_rows, 1) - 1).bit_length() + 1)]
@@ -392,7 +392,7 @@ class FastSEDD:
         if not self._compiled_usable():
             return self._trunk_graph(tokens, sigma, cos, sin, polar, shared_sigma(sigma))
         rows = tokens.shape[0]
-        if "scores" in self._compiled:  # "freeze": rows are a dynamic size
+        if self.dynamic_rows:  # "freeze": rows are a dynamic size
             tokens, sigma = _inference(tokens, sigma)
             _mark_dynamic(rows=(tokens, sigma))
         else:  # a mode: static shapes, padded to the bucket with copies of the last row (rows never mix)

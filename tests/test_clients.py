@@ -40,8 +40,8 @@ def test_openai_sdk_with_sampling_controls(server):
 def test_langchain_openai_llm_with_its_defaults(server):
     from langchain_openai import OpenAI
 
-    # a seed (an extra parameter, as users pass one) makes the streamed answer comparable with the plain one
-    llm = OpenAI(model=MODEL, base_url=server, api_key="unused", max_retries=0, model_kwargs={"seed": 11})
+    # a seed (LangChain's own field) makes the streamed answer comparable with the plain one
+    llm = OpenAI(model=MODEL, base_url=server, api_key="unused", max_retries=0, seed=11)
     assert llm.temperature == 0.7 and llm.max_tokens == 256  # the defaults this test is about
     text = llm.invoke(PROMPT)
     assert isinstance(text, str) and 200 < len(text) <= 256

@@ -57,6 +57,7 @@ _flash_attn_devices: dict[torch.device, bool] = {}
 COMPILE_MODES = ("freeze", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+WRITTEN_OUT_ATTENTION_MAX_LENGTH = 256  # longer sequences keep SDPA: measured faster up to here in every run
 POSITION_QUANTUM = 16  # the compiled step computes the masked positions in groups of this many (padded)
 FUSED_LINEAR_GELU_MIN_ROWS = 64  # positions per sequence below which oneDNN's per-call setup costs more than the GELU pass
 _FUSED_LINEAR_GELU: dict[torch.dtype, bool] = {}  # per dtype: whether oneDNN fuses Linear + GELU here
@@ -150,13 +151,14 @@ def rotary_qk_interleaved(qkv: torch.Tensor, polar: torch.Tensor) -> tuple[torch
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`model.attention` through flash-attn where usable, else SDPA; on a CPU in bf16 inside the compiled
-    step, `attend_unfused`. q, k, v (B, L, h, d) -> (B, L, H)."""
+    step, up to WRITTEN_OUT_ATTENTION_MAX_LENGTH positions, `attend_unfused`. q, k, v (B, L, h, d) -> (B, L, H)."""
     batch, seq_len = q.shape[0], q.shape[1]
     if flash_attn_usable(q.device, q.dtype):
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal=False)  # (B, L, h, d)
         return out.reshape(batch, seq_len, -1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, L, d)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _eager():
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _eager()
+            and q.shape[-2] <= WRITTEN_OUT_ATTENTION_MAX_LENGTH):
         out = attend_unfused(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -170,7 +172,8 @@ def attend_unfused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     eagerly it is no faster, so only the compiled step uses it. The price: the scores are rounded to bf16
     by their matmul (the flash kernel keeps them in float32), which moves the network's log scores by about
     4% of their bf16 error, and the rows x heads x L x L float32 scores exist at once (2 MB for 8 rows
-    of the bundled model, 64 MB per row at 1024 positions and 16 heads)."""
+    of the bundled model). Longer sequences than WRITTEN_OUT_ATTENTION_MAX_LENGTH keep SDPA: at 512 and
+    1024 positions it was faster in some runs and slower in others, and the scores grow with L^2."""
     scale = q.shape[-1] ** -0.5
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
